@@ -115,6 +115,8 @@ class ChameleonFusionVQVAEConfig(PreTrainedConfig):
     (resolution / downsampling) ** 2 codes from `codebook_size`. Chameleon's own tokenizer is the default.
         quantizer: "vq" (codebook + commitment loss), "ema" (EMA codebook updates) or "fsq" (finite scalar
             quantization with `fsq_levels`; codebook_size is their product).
+        decoder_trained: False when only the encoder side is known (e.g. converted from transformers'
+            ChameleonVQVAE, which has no decoder); decoding then warns that the pixels are meaningless.
     """
 
     model_type = "chameleon_fusion_vqvae"
@@ -135,6 +137,7 @@ class ChameleonFusionVQVAEConfig(PreTrainedConfig):
     ema_decay: float | int = 0.99
     dead_code_threshold: float | int = 0.0
     fsq_levels: list[int] | tuple[int, ...] | None = None
+    decoder_trained: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
