@@ -6,6 +6,16 @@ from transformers.modeling_rope_utils import RopeParameters
 QK_NORMS = ("layernorm", "rmsnorm", "l2", None)
 QUANTIZERS = ("vq", "ema", "fsq")
 
+# Every Auto class the model answers to, so that a saved checkpoint loads with trust_remote_code through any.
+_GENERATION_CLASS = "modeling_chameleon_fusion.ChameleonFusionForConditionalGeneration"
+AUTO_MAP = {
+    "AutoConfig": "configuration_chameleon_fusion.ChameleonFusionConfig",
+    "AutoModel": "modeling_chameleon_fusion.ChameleonFusionModel",
+    "AutoModelForCausalLM": _GENERATION_CLASS,
+    "AutoModelForMultimodalLM": _GENERATION_CLASS,
+    "AutoModelForImageTextToText": _GENERATION_CLASS,
+}
+
 
 class ChameleonFusionConfig(PreTrainedConfig):
     r"""
@@ -72,6 +82,7 @@ class ChameleonFusionConfig(PreTrainedConfig):
             self.vocab_size = self._default_vocab_size()
         self._validate()
         super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     def _special_ids(self) -> set[int]:
         names = ("bos_token_id", "eos_token_id", "pad_token_id", "boi_token_id", "eoi_token_id", "image_token_id")
@@ -117,6 +128,10 @@ class ChameleonFusionVQVAEConfig(PreTrainedConfig):
             quantization with `fsq_levels`; codebook_size is their product).
         decoder_trained: False when only the encoder side is known (e.g. converted from transformers'
             ChameleonVQVAE, which has no decoder); decoding then warns that the pixels are meaningless.
+        dead_code_threshold: codes used fewer times than this per training batch (an EMA of their counts)
+            are moved onto random encoder outputs of the batch; 0 turns the reset off.
+        norm_num_groups: GroupNorm groups in every block (32 in taming's VQGAN and Chameleon).
+        reconstruction_loss: "l1" or "l2", the pixel term of `forward`'s loss.
     """
 
     model_type = "chameleon_fusion_vqvae"
@@ -138,6 +153,8 @@ class ChameleonFusionVQVAEConfig(PreTrainedConfig):
     dead_code_threshold: float | int = 0.0
     fsq_levels: list[int] | tuple[int, ...] | None = None
     decoder_trained: bool = True
+    norm_num_groups: int = 32
+    reconstruction_loss: str = "l1"
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -153,6 +170,11 @@ class ChameleonFusionVQVAEConfig(PreTrainedConfig):
         downsampling = 2 ** (len(self.channel_multiplier) - 1)
         if self.resolution % downsampling:
             raise ValueError(f"resolution ({self.resolution}) must be divisible by the downsampling {downsampling}")
+        widths = [self.base_channels * m for m in self.channel_multiplier]
+        if any(width % self.norm_num_groups for width in widths):
+            raise ValueError(f"every block width {widths} must be divisible by norm_num_groups ({self.norm_num_groups})")
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
         super().__post_init__(**kwargs)
 
     @property

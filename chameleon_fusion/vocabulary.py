@@ -42,7 +42,8 @@ class Vocabulary:
             raise ValueError("give exactly one of image_token_offset and image_token_ids")
         if image_token_ids is None:
             image_token_ids = range(image_token_offset, image_token_offset + image_codebook_size)
-        self.code_to_id = torch.as_tensor(list(image_token_ids), dtype=torch.long)
+        # explicit CPU: models are built under a meta-device context by from_pretrained
+        self.code_to_id = torch.as_tensor(list(image_token_ids), dtype=torch.long, device="cpu")
         if self.code_to_id.numel() != image_codebook_size:
             raise ValueError(
                 f"image_token_ids has {self.code_to_id.numel()} entries, image_codebook_size is {image_codebook_size}"
@@ -51,8 +52,8 @@ class Vocabulary:
             raise ValueError("image_token_ids repeats a token id: two codes would share one id")
         if int(self.code_to_id.min()) < 0 or int(self.code_to_id.max()) >= vocab_size:
             raise ValueError(f"image token ids must lie in [0, vocab_size={vocab_size})")
-        self.id_to_code = torch.full((vocab_size,), -1, dtype=torch.long)
-        self.id_to_code[self.code_to_id] = torch.arange(image_codebook_size)
+        self.id_to_code = torch.full((vocab_size,), -1, dtype=torch.long, device="cpu")
+        self.id_to_code[self.code_to_id] = torch.arange(image_codebook_size, device="cpu")
         self.image_mask = self.id_to_code >= 0
         self.vocab_size = vocab_size
         self.codebook_size = image_codebook_size
