@@ -15,6 +15,7 @@ from .modeling_chameleon_fusion import (
     ChameleonFusionModel,
     ChameleonFusionPreTrainedModel,
 )
+from .modeling_vqvae import ChameleonFusionVQVAE
 from .vocabulary import Vocabulary
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 AutoConfig.register(ChameleonFusionConfig.model_type, ChameleonFusionConfig, exist_ok=True)
 AutoConfig.register(ChameleonFusionVQVAEConfig.model_type, ChameleonFusionVQVAEConfig, exist_ok=True)
 AutoModel.register(ChameleonFusionConfig, ChameleonFusionModel, exist_ok=True)
+AutoModel.register(ChameleonFusionVQVAEConfig, ChameleonFusionVQVAE, exist_ok=True)
 for _auto in (AutoModelForCausalLM, AutoModelForMultimodalLM, AutoModelForImageTextToText):
     _auto.register(ChameleonFusionConfig, ChameleonFusionForConditionalGeneration, exist_ok=True)
 
@@ -29,6 +31,8 @@ for _auto in (AutoModelForCausalLM, AutoModelForMultimodalLM, AutoModelForImageT
 ChameleonFusionConfig.register_for_auto_class()
 ChameleonFusionModel.register_for_auto_class("AutoModel")
 ChameleonFusionForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+ChameleonFusionVQVAEConfig.register_for_auto_class()
+ChameleonFusionVQVAE.register_for_auto_class("AutoModel")
 
 __all__ = [
     "ChameleonFusionConfig",
@@ -37,5 +41,6 @@ __all__ = [
     "ChameleonFusionPreTrainedModel",
     "ChameleonFusionForConditionalGeneration",
     "ChameleonFusionCausalLMOutput",
+    "ChameleonFusionVQVAE",
     "Vocabulary",
 ]

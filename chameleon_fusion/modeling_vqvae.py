@@ -4,8 +4,6 @@ Module names follow taming-transformers' VQGAN (the layout of transformers' Cham
 `vqgan.ckpt`), so their weights load here with (almost) no renaming.
 """
 
-from __future__ import annotations
-
 import math
 import warnings
 from dataclasses import dataclass
