@@ -38,8 +38,7 @@ class ChameleonFusionRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # statistics in float32 for any dtype
 
 
 class ChameleonFusionHeadNorm(nn.Module):

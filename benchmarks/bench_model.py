@@ -1,0 +1,155 @@
+"""Train-step and decode throughput: ours vs transformers' ChameleonForConditionalGeneration, same sizes.
+
+    python benchmarks/bench_model.py              # the default small config on this machine
+    python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
+
+Prints tokens/s of each and the ratio ours / theirs. Both models use the same attention backend (sdpa),
+the same dtype, the same random ids, and the same generate() settings (greedy, a fixed number of tokens).
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+from chameleon_fusion import ChameleonFusionConfig, ChameleonFusionForConditionalGeneration
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--text-vocab", type=int, default=8000)
+    parser.add_argument("--codebook", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=6)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--decode-runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="also time static cache + torch.compile decode")
+    return parser.parse_args()
+
+
+def build_models(args):
+    """Ours and transformers' Chameleon with the same sizes; image codes placed the same way in both."""
+    specials = 6
+    vocab = args.text_vocab + specials + args.codebook
+    ours = ChameleonFusionConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        text_vocab_size=args.text_vocab,
+        bos_token_id=args.text_vocab,
+        eos_token_id=args.text_vocab + 1,
+        pad_token_id=args.text_vocab + 2,
+        boi_token_id=args.text_vocab + 3,
+        eoi_token_id=args.text_vocab + 4,
+        image_token_id=args.text_vocab + 5,
+        image_codebook_size=args.codebook,
+        image_token_offset=args.text_vocab + specials,
+    )
+    image_names = {_chameleon_image_token_name(k): args.text_vocab + specials + k for k in range(args.codebook)}
+    theirs = ChameleonConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        bos_token_id=args.text_vocab,
+        eos_token_id=args.text_vocab + 1,
+        pad_token_id=args.text_vocab + 2,
+        vocabulary_map={"<image>": args.text_vocab + 5, **image_names},
+        vq_config={"base_channels": 32, "channel_multiplier": [1, 2], "embed_dim": 32, "latent_channels": 32,
+                   "num_embeddings": args.codebook, "resolution": 32},
+    )
+    dtype = getattr(torch, args.dtype)
+    models = {}
+    for name, cls, config in (("ours", ChameleonFusionForConditionalGeneration, ours),
+                              ("transformers", ChameleonForConditionalGeneration, theirs)):
+        torch.manual_seed(0)
+        config._attn_implementation = "sdpa"
+        models[name] = cls(config).to(device=args.device, dtype=dtype)
+    return models
+
+
+def _chameleon_image_token_name(code: int) -> str:
+    """transformers' Chameleon names image code 123 'IMGIMGBCDZ' (digits spelled as letters A-J)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_tokens_per_second(model, args) -> float:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.text_vocab, (args.batch, args.seq), device=args.device)
+    times = []
+    for step in range(args.train_steps + 2):
+        _sync(args.device)
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(args.device)
+        if step >= 2:  # the first two steps warm up allocator and kernels
+            times.append(time.perf_counter() - start)
+    return args.batch * args.seq / statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(model, args, **generate_kwargs) -> float:
+    model.eval()
+    prompt = torch.randint(0, args.text_vocab, (1, 16), device=args.device)
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    pad_token_id=model.config.pad_token_id, **generate_kwargs)
+    model.generate(prompt, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    times = []
+    for _ in range(args.decode_runs):
+        _sync(args.device)
+        start = time.perf_counter()
+        model.generate(prompt, **settings)
+        _sync(args.device)
+        times.append(time.perf_counter() - start)
+    return args.new_tokens / statistics.median(times)
+
+
+def main():
+    args = parse_args()
+    models = build_models(args)
+    params = sum(p.numel() for p in models["ours"].parameters()) / 1e6
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"machine: {machine}; torch {torch.__version__}; dtype {args.dtype}; {params:.1f}M parameters")
+    print(f"config: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads} kv, "
+          f"intermediate {args.intermediate}, vocab {models['ours'].config.vocab_size}")
+    results = {}
+    for name, model in models.items():
+        results[name, "train"] = train_tokens_per_second(model, args)
+        results[name, "decode"] = decode_tokens_per_second(model, args)
+        print(f"{name:>13}: train step {results[name, 'train']:9.1f} tokens/s (batch {args.batch} x {args.seq}, "
+              f"AdamW) | decode {results[name, 'decode']:7.1f} tokens/s (batch 1, {args.new_tokens} new)")
+    print(f"ratio ours/transformers: train step {results['ours', 'train'] / results['transformers', 'train']:.2f}x, "
+          f"decode {results['ours', 'decode'] / results['transformers', 'decode']:.2f}x")
+    if args.compile:
+        for name, model in models.items():
+            model.forward = torch.compile(model.forward, fullgraph=True)
+            tps = decode_tokens_per_second(model, args, cache_implementation="static")
+            print(f"{name:>13}: static cache + torch.compile decode {tps:7.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
