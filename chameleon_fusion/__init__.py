@@ -2,13 +2,16 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
+    AutoProcessor,
 )
 
 from .configuration_chameleon_fusion import ChameleonFusionConfig, ChameleonFusionVQVAEConfig
+from .image_processing_chameleon_fusion import ChameleonFusionImageProcessor
 from .modeling_chameleon_fusion import (
     ChameleonFusionCausalLMOutput,
     ChameleonFusionForConditionalGeneration,
@@ -16,6 +19,8 @@ from .modeling_chameleon_fusion import (
     ChameleonFusionPreTrainedModel,
 )
 from .modeling_vqvae import ChameleonFusionVQVAE
+from .processing_chameleon_fusion import ChameleonFusionProcessor
+from .tokenization_chameleon_fusion import train_bpe_tokenizer
 from .vocabulary import Vocabulary
 
 __version__ = "0.1.0"
@@ -24,6 +29,10 @@ AutoConfig.register(ChameleonFusionConfig.model_type, ChameleonFusionConfig, exi
 AutoConfig.register(ChameleonFusionVQVAEConfig.model_type, ChameleonFusionVQVAEConfig, exist_ok=True)
 AutoModel.register(ChameleonFusionConfig, ChameleonFusionModel, exist_ok=True)
 AutoModel.register(ChameleonFusionVQVAEConfig, ChameleonFusionVQVAE, exist_ok=True)
+AutoProcessor.register(ChameleonFusionConfig, ChameleonFusionProcessor, exist_ok=True)
+AutoImageProcessor.register(
+    ChameleonFusionConfig, image_processor_classes={"pil": ChameleonFusionImageProcessor}, exist_ok=True
+)
 for _auto in (AutoModelForCausalLM, AutoModelForMultimodalLM, AutoModelForImageTextToText):
     _auto.register(ChameleonFusionConfig, ChameleonFusionForConditionalGeneration, exist_ok=True)
 
@@ -33,6 +42,8 @@ ChameleonFusionModel.register_for_auto_class("AutoModel")
 ChameleonFusionForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 ChameleonFusionVQVAEConfig.register_for_auto_class()
 ChameleonFusionVQVAE.register_for_auto_class("AutoModel")
+ChameleonFusionProcessor.register_for_auto_class("AutoProcessor")
+ChameleonFusionImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "ChameleonFusionConfig",
@@ -42,5 +53,8 @@ __all__ = [
     "ChameleonFusionForConditionalGeneration",
     "ChameleonFusionCausalLMOutput",
     "ChameleonFusionVQVAE",
+    "ChameleonFusionImageProcessor",
+    "ChameleonFusionProcessor",
+    "train_bpe_tokenizer",
     "Vocabulary",
 ]

@@ -7,6 +7,8 @@ import sys
 # subcommand -> module holding `add_arguments(parser)` and `run(args)`; the module docstring is its help.
 COMMANDS = {
     "demo": "chameleon_fusion.demo",
+    "train-tokenizer": "chameleon_fusion.training.tokenizer",
+    "train-vq": "chameleon_fusion.training.vq",
 }
 
 
