@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -19,6 +19,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_chameleon_fusion import ChameleonFusionConfig
+from .generation import ChameleonFusionGenerationMixin
 from .vocabulary import Vocabulary
 
 
@@ -295,7 +296,7 @@ class ChameleonFusionModel(ChameleonFusionPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
 
-class ChameleonFusionForConditionalGeneration(ChameleonFusionPreTrainedModel, GenerationMixin):
+class ChameleonFusionForConditionalGeneration(ChameleonFusionPreTrainedModel, ChameleonFusionGenerationMixin):
     """The decoder with its LM head over the whole vocabulary; image logits are never masked."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
