@@ -7,8 +7,10 @@ import sys
 # subcommand -> module holding `add_arguments(parser)` and `run(args)`; the module docstring is its help.
 COMMANDS = {
     "demo": "chameleon_fusion.demo",
+    "convert": "chameleon_fusion.convert.command",
     "train-tokenizer": "chameleon_fusion.training.tokenizer",
     "train-vq": "chameleon_fusion.training.vq",
+    "generate": "chameleon_fusion.generate_cli",
 }
 
 

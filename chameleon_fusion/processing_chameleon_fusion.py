@@ -342,8 +342,11 @@ class ChameleonFusionProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         vq_model = _load_image_tokenizer(pretrained_model_name_or_path, hub_kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, vq_model=vq_model, **kwargs)
+        if vq_model is not None:
+            processor.set_image_tokenizer(vq_model)
+        return processor
 
 
 def _load_image_tokenizer(path, hub_kwargs) -> ChameleonFusionVQVAE | None:

@@ -91,12 +91,14 @@ class Vocabulary:
         """Raise a ValueError naming every field on which two descriptions of the layout disagree."""
         other = other if isinstance(other, Vocabulary) else Vocabulary.from_config(other)
         ours, theirs = self.layout(), other.layout()
-        mapping = ("image_token_offset", "image_token_ids")
+        compared_apart = ("image_token_offset", "image_token_ids", "vocab_size")
         wrong = [
             f"{k}: {ours[k]!r} here vs {theirs[k]!r} in {what}"
             for k in ours
-            if k not in mapping and _differs(ours[k], theirs[k])
+            if k not in compared_apart and _differs(ours[k], theirs[k])
         ]
+        if theirs["vocab_size"] < ours["vocab_size"]:  # a model may have spare rows, never too few
+            wrong.append(f"vocab_size: {ours['vocab_size']} here but only {theirs['vocab_size']} in {what}")
         if not torch.equal(self.code_to_id.cpu(), other.code_to_id.cpu()):
             wrong.append(f"image code -> token id map differs from the one in {what}")
         if wrong:
