@@ -22,7 +22,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput
 
 from .vocabulary import Vocabulary
@@ -47,6 +47,22 @@ GENERATION_DEFAULTS = {
     "unconditional_ids": None,
 }
 
+
+
+def generation_config_with(generation_config: GenerationConfig, **settings) -> GenerationConfig:
+    """A copy of generation_config carrying extra settings (GENERATION_DEFAULTS names) that survive saving.
+
+    transformers drops unknown keys when it loads a generation_config.json flagged as derived from the model
+    config (a model's default one is); the copy is no longer flagged, so its settings load back.
+    """
+    unknown = sorted(set(settings) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown generation settings {unknown}; known: {sorted(GENERATION_DEFAULTS)}")
+    config = copy.deepcopy(generation_config)
+    config._from_model_config = False
+    for name, value in settings.items():
+        setattr(config, name, value)
+    return config
 
 # --- row states ------------------------------------------------------------------------------------------
 
@@ -683,6 +699,7 @@ __all__ = [
     "SamplingSettings",
     "GuidanceStreams",
     "build_guidance_streams",
+    "generation_config_with",
     "draw_tokens",
     "keep_top_k_top_p",
 ]
