@@ -1,8 +1,7 @@
 """Generation for early-fusion models: the modality grammar, per-modality sampling and batched CFG, inside generate().
 
 A generated sequence alternates text and image segments; an image segment is `<boi>`, exactly image_seq_length
-image ids, `<eoi>`. `ChameleonFusionGenerationMixin.generate` appends three logits processors after transformers'
-own ones, in this order:
+image ids, `<eoi>`. Three logits processors do the work, usable alone or in any transformers generate():
 
 1. `ImageGuidanceLogitsProcessor` (only with guidance): the batch holds stream groups stacked along dim 0,
    [prompt rows; unconditional rows] or [prompt; image-only; unconditional]. Rows about to draw an image id get
@@ -12,8 +11,10 @@ own ones, in this order:
    outside) and leaves only that id finite, so greedy search, sampling and beam search all take it, and all the
    stream rows of one prompt take the same one.
 
-Every processor derives the row states from input_ids at every step (vectorized, looking only at the last
-image_seq_length + 1 ids and the generated part), so beam reordering, caches and left padding need no care.
+Each derives the row states from input_ids at every step (vectorized, reading only the last image_seq_length + 1
+ids and the generated part), so beam reordering, caches and left padding need no care.
+`ChameleonFusionGenerationMixin.generate` builds them from the model config and the GenerationConfig and runs
+them as one `EarlyFusionLogitsProcessor` (same result, row states derived once per step).
 """
 
 from __future__ import annotations
@@ -180,16 +181,19 @@ class ModalityConstrainedLogitsProcessor(LogitsProcessor):
         self._tables: dict = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-        states = self.row_states(_lead_rows(input_ids, self.num_stream_groups)).repeat(self.num_stream_groups)
-        allowed, forced = self._table(scores)
-        allowed_here = allowed[states]
-        scores = scores.masked_fill(~allowed_here, float("-inf"))
-        return torch.where(allowed_here & forced[states, None], 0.0, scores)
+        return self.apply(scores, self.row_states(_lead_rows(input_ids, self.num_stream_groups)))
+
+    def apply(self, scores: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Mask scores by the states of the prompt rows (one per prompt, shared by its stream rows)."""
+        states = states.repeat(self.num_stream_groups) if self.num_stream_groups > 1 else states
+        banned, forced = self._table(scores)
+        scores = scores.masked_fill(banned[states], float("-inf"))
+        return scores.masked_fill(forced[states], 0.0)
 
     def row_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The state of every row (TEXT, TEXT_OR_IMAGE, IMAGE_CODE, END_IMAGE, BEGIN_IMAGE, END_OF_SEQUENCE)."""
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
         vocabulary = self.vocabulary
         inside, drawn = open_image_progress(
             input_ids, vocabulary.boi_token_id, vocabulary.eoi_token_id, vocabulary.image_seq_length
@@ -213,12 +217,13 @@ class ModalityConstrainedLogitsProcessor(LogitsProcessor):
         return torch.where(may_open, TEXT_OR_IMAGE, TEXT)
 
     def _table(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(banned, forced) bool tables (states, vocabulary) on the scores' device: forced = the id of a forced state."""
         key = (scores.device, scores.shape[-1])
         if key not in self._tables:
-            allowed = allowed_token_table(self.vocabulary, scores.shape[-1]).to(scores.device)
-            forced = torch.zeros(len(allowed), dtype=torch.bool)
-            forced[list(FORCED_STATES)] = True
-            self._tables[key] = (allowed, forced.to(scores.device))
+            allowed = allowed_token_table(self.vocabulary, scores.shape[-1])
+            forced = torch.zeros_like(allowed)
+            forced[list(FORCED_STATES)] = allowed[list(FORCED_STATES)]
+            self._tables[key] = (~allowed).to(scores.device), forced.to(scores.device)
         return self._tables[key]
 
 
@@ -246,8 +251,14 @@ class SamplingSettings:
         return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
 
 
-def keep_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """-inf outside each row's top_k ids (0 = all), then outside the smallest set holding top_p of the mass."""
+def keep_top_k_top_p(logits: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """-inf outside each row's top_k ids (0 = all), then outside the smallest set holding top_p of the mass.
+
+    top_k and top_p: numbers, or tensors with one value per row.
+    """
+    rows = logits.shape[0]
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(rows)
+    top_p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device).expand(rows)
     sorted_logits, order = logits.sort(-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)
     beyond_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
@@ -258,16 +269,21 @@ def keep_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return logits.scatter(-1, order, sorted_logits)
 
 
-def draw_tokens(scores, temperature, top_k, top_p, filtering: bool = True, sampling: bool = True) -> torch.Tensor:
-    """One id per row: argmax where the row's temperature is 0, else a sample after temperature, top-k, top-p."""
-    greedy = scores.argmax(-1)
-    if not sampling:
-        return greedy
-    logits = scores / temperature.clamp(min=1e-6)[:, None]
-    if filtering:
-        logits = keep_top_k_top_p(logits, top_k, top_p)
-    sampled = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-    return torch.where(temperature > 0, sampled, greedy)
+def sample_rows(logits: torch.Tensor) -> torch.Tensor:
+    """One index per row drawn from softmax(logits), by inverting the CDF with one uniform number per row."""
+    cdf = logits.softmax(-1).cumsum(-1)
+    threshold = torch.rand(logits.shape[0], 1, device=logits.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+def draw_tokens(scores: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """One index per row: argmax at temperature 0, else a sample after temperature, top-k and top-p."""
+    if settings.temperature == 0:
+        return scores.argmax(-1)
+    logits = scores if settings.temperature == 1 else scores / settings.temperature
+    if settings.filters:
+        logits = keep_top_k_top_p(logits, settings.top_k, settings.top_p)
+    return sample_rows(logits)
 
 
 class ModalitySamplingLogitsProcessor(LogitsProcessor):
@@ -277,7 +293,8 @@ class ModalitySamplingLogitsProcessor(LogitsProcessor):
     Greedy search, sampling and beam search therefore all take the drawn id: image tokens are sampled even when
     text is greedy (greedy image tokens give blank images). With text=None, rows outside images are returned
     untouched (for greedy text, or beam search over text). With num_stream_groups > 1 one draw per prompt row is
-    given to all its stream rows, so a guided prompt and its unconditional twin stay in step.
+    given to all its stream rows, so a guided prompt and its unconditional twin stay in step. Image ids are
+    drawn among the image columns only (a codebook is smaller than the vocabulary).
     """
 
     def __init__(
@@ -290,35 +307,40 @@ class ModalitySamplingLogitsProcessor(LogitsProcessor):
         self.vocabulary = vocabulary
         self.image, self.text = image or SamplingSettings(), text
         self.num_stream_groups = num_stream_groups
-        settings = [self.image] + ([text] if text is not None else [])
-        self._filtering = any(s.filters for s in settings)
-        self._sampling = any(s.temperature > 0 for s in settings)
+        self._image_ids = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        lead_rows = _lead_rows(input_ids, self.num_stream_groups)
+        return self.apply(scores, next_is_image_code(lead_rows, self.vocabulary))
+
+    def apply(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+        """Leave only the drawn id finite in the selected rows (image rows; every row when text is set)."""
         lead_scores = _lead_rows(scores, self.num_stream_groups)
-        image_rows = next_is_image_code(input_ids[: lead_scores.shape[0]], self.vocabulary)
-        chosen = self._draw(lead_scores, image_rows).repeat(self.num_stream_groups)
-        selected = image_rows if self.text is None else torch.ones_like(image_rows)
-        selected = selected.repeat(self.num_stream_groups)
-        kept = scores.gather(1, chosen[:, None])
-        only_chosen = torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], kept)
-        return torch.where(selected[:, None], only_chosen, scores)
-
-    def _draw(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-        text = self.text or self.image  # rows left untouched do not care
-
-        def per_row(name, dtype):
-            value = torch.where(image_rows, getattr(self.image, name), getattr(text, name))
-            return value.to(dtype)
-
-        return draw_tokens(
-            scores,
-            per_row("temperature", scores.dtype),
-            per_row("top_k", torch.long),
-            per_row("top_p", scores.dtype),
-            filtering=self._filtering,
-            sampling=self._sampling,
+        chosen = self._draw_image_ids(lead_scores, image_rows)
+        if self.text is not None:
+            chosen = torch.where(image_rows, chosen, draw_tokens(lead_scores, self.text))
+        if self.num_stream_groups > 1:
+            chosen, image_rows = chosen.repeat(self.num_stream_groups), image_rows.repeat(self.num_stream_groups)
+        only_chosen = torch.full_like(scores, float("-inf")).scatter_(
+            1, chosen[:, None], scores.gather(1, chosen[:, None])
         )
+        if self.text is not None:
+            return only_chosen
+        return torch.where(image_rows[:, None], only_chosen, scores)
+
+    def _draw_image_ids(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+        """An image id per row drawn among the image columns (meaningful where image_rows is True)."""
+        vocabulary = self.vocabulary
+        if vocabulary.contiguous:  # a slice, no copy
+            offset = vocabulary.image_token_offset
+            image_scores = scores[:, offset : offset + vocabulary.codebook_size]
+        else:
+            if self._image_ids is None or self._image_ids.device != scores.device:
+                self._image_ids = vocabulary.code_to_id.to(scores.device)
+            image_scores = scores[:, self._image_ids]
+        image_scores = torch.where(image_rows[:, None], image_scores, 0.0)  # other rows may have no image id allowed
+        codes = draw_tokens(image_scores, self.image)
+        return codes + vocabulary.image_token_offset if vocabulary.contiguous else self._image_ids[codes]
 
 
 # --- classifier-free guidance ----------------------------------------------------------------------------
@@ -340,10 +362,13 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
         self.num_stream_groups = 2 if image_guidance_scale is None else 3
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        streams = scores.chunk(self.num_stream_groups) if scores.shape[0] % self.num_stream_groups == 0 else ()
-        if len(streams) != self.num_stream_groups:
-            raise ValueError(f"batch of {scores.shape[0]} rows cannot hold {self.num_stream_groups} stream groups")
-        image_rows = next_is_image_code(input_ids[: streams[0].shape[0]], self.vocabulary)
+        lead_rows = _lead_rows(input_ids, self.num_stream_groups)
+        return self.apply(scores, next_is_image_code(lead_rows, self.vocabulary))
+
+    def apply(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+        """Guided scores where image_rows (one flag per prompt) is True, the prompt stream's elsewhere."""
+        _lead_rows(scores, self.num_stream_groups)  # checks that the rows split into the stream groups
+        streams = scores.chunk(self.num_stream_groups)
         combined = torch.where(image_rows[:, None], self.guide(*streams), streams[0])
         return combined.repeat(self.num_stream_groups, 1)
 
@@ -359,10 +384,32 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
                 + self.image_guidance_scale * (image_only - unconditional)
                 + self.text_guidance_scale * (prompt - image_only)
             )
-        finite = prompt.isfinite()
-        for stream in others:
-            finite &= stream.isfinite()
-        return guided.masked_fill(~finite, float("-inf"))
+        return guided.masked_fill(guided.isnan(), float("-inf"))  # -inf in a stream gives nan or -inf: banned
+
+
+class EarlyFusionLogitsProcessor(LogitsProcessor):
+    """Guidance (optional), grammar and sampling in one processor that derives the row states once per step.
+
+    What generate() uses; it gives the same scores as the three processors applied one after the other.
+    """
+
+    def __init__(
+        self,
+        grammar: ModalityConstrainedLogitsProcessor,
+        sampling: ModalitySamplingLogitsProcessor,
+        guidance: ImageGuidanceLogitsProcessor | None = None,
+    ):
+        groups = {p.num_stream_groups for p in (grammar, sampling, guidance) if p is not None}
+        if len(groups) != 1:
+            raise ValueError(f"the processors disagree on num_stream_groups: {sorted(groups)}")
+        self.grammar, self.sampling, self.guidance = grammar, sampling, guidance
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        states = self.grammar.row_states(_lead_rows(input_ids, self.grammar.num_stream_groups))
+        image_rows = states == IMAGE_CODE
+        if self.guidance is not None:
+            scores = self.guidance.apply(scores, image_rows)
+        return self.sampling.apply(self.grammar.apply(scores, states), image_rows)
 
 
 @dataclass
@@ -619,11 +666,11 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         return ids
 
     def _modality_processors(self, plan: GenerationPlan, input_ids) -> list[LogitsProcessor]:
-        """Guidance (when asked), grammar, sampling: in that order, after transformers' own processors."""
+        """Guidance (when asked), grammar, sampling: one processor, after transformers' own ones."""
         vocabulary, groups = self.vocabulary, plan.stream_groups
         guidance = (
-            [ImageGuidanceLogitsProcessor(vocabulary, plan.text_guidance_scale, plan.image_guidance_scale)]
-            if plan.guided else []
+            ImageGuidanceLogitsProcessor(vocabulary, plan.text_guidance_scale, plan.image_guidance_scale)
+            if plan.guided else None
         )
         grammar = ModalityConstrainedLogitsProcessor(
             vocabulary,
@@ -636,7 +683,7 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         sampling = ModalitySamplingLogitsProcessor(
             vocabulary, plan.image_sampling, plan.text_sampling, num_stream_groups=groups
         )
-        return [*guidance, grammar, sampling]
+        return [EarlyFusionLogitsProcessor(grammar, sampling, guidance)]
 
     @staticmethod
     def _loop_config(generation_config, plan: GenerationPlan):
@@ -693,6 +740,7 @@ __all__ = [
     "GENERATION_MODES",
     "GENERATION_DEFAULTS",
     "ChameleonFusionGenerationMixin",
+    "EarlyFusionLogitsProcessor",
     "ImageGuidanceLogitsProcessor",
     "ModalityConstrainedLogitsProcessor",
     "ModalitySamplingLogitsProcessor",
@@ -702,4 +750,5 @@ __all__ = [
     "generation_config_with",
     "draw_tokens",
     "keep_top_k_top_p",
+    "sample_rows",
 ]

@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from chameleon_fusion.generation import (
+    EarlyFusionLogitsProcessor,
     ImageGuidanceLogitsProcessor,
     ModalityConstrainedLogitsProcessor,
     ModalitySamplingLogitsProcessor,
@@ -253,6 +254,28 @@ def test_grammar_holds_for_guided_stream_groups_and_groups_stay_in_step():
     assert sum(drawn) >= 1_000
 
 
+@given(st.lists(prompts(), min_size=1, max_size=3), st.sampled_from(MODES), st.sampled_from([1, 2, 3]),
+       st.booleans(), st.integers(0, 2**16))
+@settings(max_examples=40, **FAST)
+def test_the_combined_processor_equals_the_three_in_sequence(rows, mode, groups, sampled_text, seed):
+    ids, _ = left_pad(rows * groups)
+    scores = torch.randn(ids.shape[0], VOCAB, generator=torch.Generator().manual_seed(seed))
+    def parts():
+        guidance = ImageGuidanceLogitsProcessor(VOCABULARY, 2.0, 1.5 if groups == 3 else None) if groups > 1 else None
+        grammar = ModalityConstrainedLogitsProcessor(VOCABULARY, mode, max_length=ids.shape[1] + 7,
+                                                     max_images=1, prompt_length=2, num_stream_groups=groups)
+        sampling = ModalitySamplingLogitsProcessor(VOCABULARY, SamplingSettings(0.9, 5),
+                                                   SamplingSettings(1.2) if sampled_text else None, groups)
+        return grammar, sampling, guidance
+    grammar, sampling, guidance = parts()
+    torch.manual_seed(seed)
+    combined = EarlyFusionLogitsProcessor(grammar, sampling, guidance)(ids, scores.clone())
+    grammar, sampling, guidance = parts()
+    torch.manual_seed(seed)
+    in_sequence = LogitsProcessorList([p for p in (guidance, grammar, sampling) if p is not None])(ids, scores.clone())
+    torch.testing.assert_close(combined, in_sequence)
+
+
 def test_states_follow_rows_when_beam_search_reorders_them():
     rows = [[BOS, 5, BOI, *IMAGE_IDS[:2]], [BOS, 7, 8], [BOS, BOI, *IMAGE_IDS[:S]], [BOS, BOI, *IMAGE_IDS[:S], EOI]]
     ids, _ = left_pad(rows)
@@ -328,10 +351,12 @@ def test_image_tokens_are_sampled_while_text_rows_are_left_to_greedy_search():
 def test_greedy_top_k_and_top_p_settings_pick_the_argmax():
     ids = torch.tensor([[BOS, BOI], [BOS, 3]])
     scores = torch.randn(2, VOCAB)
+    best_image_id = IMAGE_IDS[int(scores[0, IMAGE_IDS].argmax())]  # image ids are drawn among image columns
     for image in (SamplingSettings(0.0), SamplingSettings(1.0, top_k=1), SamplingSettings(1.0, top_p=1e-6)):
         sampler = ModalitySamplingLogitsProcessor(VOCABULARY, image, text=SamplingSettings(0.0))
         out = sampler(ids, scores)
-        assert int(out[0].argmax()) == int(scores[0].argmax()) and int(out[1].argmax()) == int(scores[1].argmax())
+        assert int(out[0].argmax()) == best_image_id and int(out[1].argmax()) == int(scores[1].argmax())
+        assert out.isfinite().sum() == 2
 
 
 @given(st.integers(1, 40), st.floats(0.05, 1.0), st.integers(0, 2**16))
