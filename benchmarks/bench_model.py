@@ -80,7 +80,8 @@ def build_models(args):
                               ("transformers", ChameleonForConditionalGeneration, theirs)):
         torch.manual_seed(0)
         config._attn_implementation = "sdpa"
-        models[name] = cls(config).to(device=args.device, dtype=dtype)
+        with torch.device(args.device):
+            models[name] = cls(config).to(dtype=dtype)
     return models
 
 

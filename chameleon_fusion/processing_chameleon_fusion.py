@@ -110,11 +110,15 @@ class ChameleonFusionProcessor(ProcessorMixin):
         return_labels: bool = False,
         add_bos: bool = True,
         add_eos: bool = False,
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
         """Text with `<image>` placeholders plus images, or documents (lists of str and images) -> input_ids."""
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if videos is not None or audio is not None:
+            raise ValueError("this processor reads text and images only; videos and audio are not supported")
         if documents is not None:
             if text is not None or images is not None:
                 raise ValueError("give either documents, or text (and images), not both")
