@@ -187,6 +187,22 @@ def codebook_stats(indices: torch.Tensor, codebook_size: int) -> tuple[torch.Ten
     return (counts > 0).float().mean(), entropy.exp()
 
 
+class Codebook(nn.Module):
+    """The code vectors `weight` (K, D): a parameter trained by the loss, or a buffer owned by EMA updates."""
+
+    def __init__(self, codebook_size: int, embed_dim: int, learned: bool):
+        super().__init__()
+        self.num_embeddings = codebook_size
+        weight = torch.empty(codebook_size, embed_dim)
+        if learned:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.weight)
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
@@ -212,10 +228,9 @@ class VectorQuantizer(nn.Module):
         self.beta, self.decay = config.commitment_beta, config.ema_decay
         self.dead_code_threshold = config.dead_code_threshold
         self.use_ema = config.quantizer == "ema"
-        self.embedding = nn.Embedding(config.codebook_size, config.embed_dim)
+        self.embedding = Codebook(config.codebook_size, config.embed_dim, learned=not self.use_ema)
         self.register_buffer("code_usage", torch.zeros(config.codebook_size))
         if self.use_ema:
-            self.embedding.weight.requires_grad_(False)
             self.register_buffer("embed_sum", torch.zeros(config.codebook_size, config.embed_dim))
 
     def nearest_codes(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -230,6 +245,10 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, D, h, w) latents -> quantized latents (straight-through), indices (B, h, w), loss."""
+        with torch.autocast(latents.device.type, enabled=False):  # distances and EMA in the codebook's dtype
+            return self._quantize(latents.to(self.embedding.weight.dtype))
+
+    def _quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, _, height, width = latents.shape
         vectors = latents.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
         indices = self.nearest_codes(vectors.detach())
@@ -259,7 +278,7 @@ class VectorQuantizer(nn.Module):
         """Each code becomes the EMA mean of the vectors assigned to it; codes never assigned stay put."""
         used = self.code_usage > 1e-8
         means = self.embed_sum / self.code_usage.clamp(min=1e-8).unsqueeze(1)
-        self.embedding.weight.data.copy_(torch.where(used.unsqueeze(1), means, self.embedding.weight.data))
+        self.embedding.weight.copy_(torch.where(used.unsqueeze(1), means, self.embedding.weight))
 
     def reset_dead_codes(self, vectors: torch.Tensor):
         """Moves codes used less than `dead_code_threshold` times per batch onto random batch vectors."""
@@ -268,7 +287,7 @@ class VectorQuantizer(nn.Module):
             return
         picks = torch.randint(len(vectors), (int(dead.sum()),), device=vectors.device)
         new_codes = _broadcast_from_first(vectors[picks].contiguous())
-        self.embedding.weight.data[dead] = new_codes
+        self.embedding.weight[dead] = new_codes
         self.code_usage[dead] = self.dead_code_threshold
         if self.use_ema:
             self.embed_sum[dead] = new_codes * self.dead_code_threshold
@@ -365,7 +384,7 @@ class ChameleonFusionVQVAE(PreTrainedModel):
         elif isinstance(module, nn.GroupNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, Codebook):
             init.uniform_(module.weight, -1 / module.num_embeddings, 1 / module.num_embeddings)
         elif isinstance(module, VectorQuantizer):
             init.zeros_(module.code_usage)
