@@ -11,6 +11,7 @@ COMMANDS = {
     "train-tokenizer": "chameleon_fusion.training.tokenizer",
     "train-vq": "chameleon_fusion.training.vq",
     "generate": "chameleon_fusion.generate_cli",
+    "publish": "chameleon_fusion.publish",
 }
 
 
