@@ -20,6 +20,7 @@ them as one `EarlyFusionLogitsProcessor` (same result, row states derived once p
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,19 @@ def _lead_rows(tensor: torch.Tensor, num_stream_groups: int) -> torch.Tensor:
     return tensor[: tensor.shape[0] // num_stream_groups]
 
 
+_IMAGE_IDS_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # vocabulary -> {device: ids}
+
+
+def image_columns(scores: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor | slice:
+    """Index of the image-id columns: a slice for a contiguous layout (views, no copies), else the id tensor."""
+    if vocabulary.contiguous:
+        return slice(vocabulary.image_token_offset, vocabulary.image_token_offset + vocabulary.codebook_size)
+    on_device = _IMAGE_IDS_ON_DEVICE.setdefault(vocabulary, {})
+    if scores.device not in on_device:
+        on_device[scores.device] = vocabulary.code_to_id.to(scores.device)
+    return on_device[scores.device]
+
+
 class ModalityConstrainedLogitsProcessor(LogitsProcessor):
     """Keeps every row inside the early-fusion grammar of its generation mode.
 
@@ -185,7 +199,8 @@ class ModalityConstrainedLogitsProcessor(LogitsProcessor):
 
     def apply(self, scores: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Mask scores by the states of the prompt rows (one per prompt, shared by its stream rows)."""
-        states = states.repeat(self.num_stream_groups) if self.num_stream_groups > 1 else states
+        groups = scores.shape[0] // states.shape[0]
+        states = states.repeat(groups) if groups > 1 else states
         banned, forced = self._table(scores)
         scores = scores.masked_fill(banned[states], float("-inf"))
         return scores.masked_fill(forced[states], 0.0)
@@ -307,20 +322,23 @@ class ModalitySamplingLogitsProcessor(LogitsProcessor):
         self.vocabulary = vocabulary
         self.image, self.text = image or SamplingSettings(), text
         self.num_stream_groups = num_stream_groups
-        self._image_ids = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lead_rows = _lead_rows(input_ids, self.num_stream_groups)
         return self.apply(scores, next_is_image_code(lead_rows, self.vocabulary))
 
     def apply(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-        """Leave only the drawn id finite in the selected rows (image rows; every row when text is set)."""
-        lead_scores = _lead_rows(scores, self.num_stream_groups)
+        """Leave only the drawn id finite in the selected rows (image rows; every row when text is set).
+
+        image_rows holds one flag per prompt row; scores may hold the stream rows too (stacked after them).
+        """
+        groups = scores.shape[0] // image_rows.shape[0]
+        lead_scores = scores[: image_rows.shape[0]]
         chosen = self._draw_image_ids(lead_scores, image_rows)
         if self.text is not None:
             chosen = torch.where(image_rows, chosen, draw_tokens(lead_scores, self.text))
-        if self.num_stream_groups > 1:
-            chosen, image_rows = chosen.repeat(self.num_stream_groups), image_rows.repeat(self.num_stream_groups)
+        if groups > 1:
+            chosen, image_rows = chosen.repeat(groups), image_rows.repeat(groups)
         only_chosen = torch.full_like(scores, float("-inf")).scatter_(
             1, chosen[:, None], scores.gather(1, chosen[:, None])
         )
@@ -330,17 +348,10 @@ class ModalitySamplingLogitsProcessor(LogitsProcessor):
 
     def _draw_image_ids(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
         """An image id per row drawn among the image columns (meaningful where image_rows is True)."""
-        vocabulary = self.vocabulary
-        if vocabulary.contiguous:  # a slice, no copy
-            offset = vocabulary.image_token_offset
-            image_scores = scores[:, offset : offset + vocabulary.codebook_size]
-        else:
-            if self._image_ids is None or self._image_ids.device != scores.device:
-                self._image_ids = vocabulary.code_to_id.to(scores.device)
-            image_scores = scores[:, self._image_ids]
-        image_scores = torch.where(image_rows[:, None], image_scores, 0.0)  # other rows may have no image id allowed
+        columns = image_columns(scores, self.vocabulary)
+        image_scores = torch.where(image_rows[:, None], scores[:, columns], 0.0)  # other rows may allow no image id
         codes = draw_tokens(image_scores, self.image)
-        return codes + vocabulary.image_token_offset if vocabulary.contiguous else self._image_ids[codes]
+        return codes + columns.start if isinstance(columns, slice) else columns[codes]
 
 
 # --- classifier-free guidance ----------------------------------------------------------------------------
@@ -352,8 +363,9 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
     Two groups [prompt p; unconditional u]: guided = u + text_guidance_scale * (p - u).
     Three groups [prompt p; image-only i; unconditional u] (Chameleon's instruct guidance):
     guided = u + image_guidance_scale * (i - u) + text_guidance_scale * (p - i).
-    Rows about to draw an image id get the guided scores, other rows their prompt row's scores; every stream row
-    of a prompt gets the same scores. An id that is -inf in any stream stays -inf.
+    Rows about to draw an image id get the guided scores on the image ids (their other ids keep the prompt
+    stream's scores: the grammar bans them there); other rows get the prompt stream's scores. Every stream row of
+    a prompt gets the same scores. An image id that is -inf in any stream stays -inf.
     """
 
     def __init__(self, vocabulary: Vocabulary, text_guidance_scale: float, image_guidance_scale: float | None = None):
@@ -363,14 +375,17 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lead_rows = _lead_rows(input_ids, self.num_stream_groups)
-        return self.apply(scores, next_is_image_code(lead_rows, self.vocabulary))
+        return self.apply(scores, next_is_image_code(lead_rows, self.vocabulary)).repeat(self.num_stream_groups, 1)
 
     def apply(self, scores: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-        """Guided scores where image_rows (one flag per prompt) is True, the prompt stream's elsewhere."""
+        """The prompt rows' scores (batch, vocabulary) with guided image ids where image_rows is True."""
         _lead_rows(scores, self.num_stream_groups)  # checks that the rows split into the stream groups
         streams = scores.chunk(self.num_stream_groups)
-        combined = torch.where(image_rows[:, None], self.guide(*streams), streams[0])
-        return combined.repeat(self.num_stream_groups, 1)
+        columns = image_columns(scores, self.vocabulary)
+        guided = self.guide(*(stream[:, columns] for stream in streams))
+        combined = streams[0].clone()
+        combined[:, columns] = torch.where(image_rows[:, None], guided, streams[0][:, columns])
+        return combined
 
     def guide(self, prompt: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         """The guidance formula on matching rows of the stream groups."""
@@ -388,7 +403,8 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
 
 
 class EarlyFusionLogitsProcessor(LogitsProcessor):
-    """Guidance (optional), grammar and sampling in one processor that derives the row states once per step.
+    """Guidance (optional), grammar and sampling in one processor: the row states are derived once per step, and
+    with guidance the work runs on the prompt rows only, copied to the stream rows at the end.
 
     What generate() uses; it gives the same scores as the three processors applied one after the other.
     """
@@ -400,16 +416,18 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
         guidance: ImageGuidanceLogitsProcessor | None = None,
     ):
         groups = {p.num_stream_groups for p in (grammar, sampling, guidance) if p is not None}
-        if len(groups) != 1:
-            raise ValueError(f"the processors disagree on num_stream_groups: {sorted(groups)}")
+        if len(groups) != 1 or (guidance is None and groups != {1}):
+            raise ValueError(f"stream groups need guidance and one num_stream_groups, got {sorted(groups)}")
         self.grammar, self.sampling, self.guidance = grammar, sampling, guidance
+        self.num_stream_groups = groups.pop()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = self.grammar.row_states(_lead_rows(input_ids, self.grammar.num_stream_groups))
+        states = self.grammar.row_states(_lead_rows(input_ids, self.num_stream_groups))
         image_rows = states == IMAGE_CODE
         if self.guidance is not None:
             scores = self.guidance.apply(scores, image_rows)
-        return self.sampling.apply(self.grammar.apply(scores, states), image_rows)
+        scores = self.sampling.apply(self.grammar.apply(scores, states), image_rows)
+        return scores.repeat(self.num_stream_groups, 1) if self.num_stream_groups > 1 else scores
 
 
 @dataclass
@@ -749,6 +767,7 @@ __all__ = [
     "build_guidance_streams",
     "generation_config_with",
     "draw_tokens",
+    "image_columns",
     "keep_top_k_top_p",
     "sample_rows",
 ]

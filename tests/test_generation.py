@@ -41,6 +41,8 @@ VOCAB = IMAGE_OFFSET + CODEBOOK
 IMAGE_IDS = list(range(IMAGE_OFFSET, VOCAB))
 NEVER_IN_TEXT = {BOI, EOI, IMAGE, BOS, PAD, *IMAGE_IDS}
 VOCABULARY = Vocabulary.from_config(tiny_config())
+# the same ids with an explicit, reversed code -> id map (as converted checkpoints have): the non-contiguous path
+SCATTERED = Vocabulary.from_config(tiny_config(image_token_offset=None, image_token_ids=IMAGE_IDS[::-1]))
 MODES = ("text", "image", "interleaved")
 FAST = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -186,6 +188,7 @@ def scenarios(draw):
         mode=mode, selection=selection, rows=rows, num_beams=num_beams, steps=steps, slack=slack, text=text,
         max_images=draw(st.one_of(st.none(), st.integers(0, 2))), bias=adversarial_bias(draw),
         use_sampler=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        vocabulary=draw(st.sampled_from([VOCABULARY, SCATTERED])),
     )
 
 
@@ -197,11 +200,12 @@ def run_scenario(case):
     max_length = prompt_length + S + 2 + case["slack"]
     if case["mode"] == "image":
         max_length = prompt_length + case["steps"]  # image mode: the caller checks that an image fits
+    vocabulary = case["vocabulary"]
     processors = [ModalityConstrainedLogitsProcessor(
-        VOCABULARY, case["mode"], max_length=max_length, max_images=case["max_images"], prompt_length=prompt_length
+        vocabulary, case["mode"], max_length=max_length, max_images=case["max_images"], prompt_length=prompt_length
     )]
     if case["use_sampler"]:
-        processors.append(ModalitySamplingLogitsProcessor(VOCABULARY, SamplingSettings(1.0, 8, 0.9), case["text"]))
+        processors.append(ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0, 8, 0.9), case["text"]))
     out, drawn = drive(LogitsProcessorList(processors), ids, case["steps"], case["selection"], case["bias"],
                        case["num_beams"])
     for row, prompt in zip(out.tolist(), rows):
@@ -348,12 +352,13 @@ def test_image_tokens_are_sampled_while_text_rows_are_left_to_greedy_search():
     assert len(picks) > 5  # sampled, not argmax
 
 
-def test_greedy_top_k_and_top_p_settings_pick_the_argmax():
+@pytest.mark.parametrize("vocabulary", [VOCABULARY, SCATTERED], ids=["contiguous", "scattered"])
+def test_greedy_top_k_and_top_p_settings_pick_the_argmax(vocabulary):
     ids = torch.tensor([[BOS, BOI], [BOS, 3]])
     scores = torch.randn(2, VOCAB)
     best_image_id = IMAGE_IDS[int(scores[0, IMAGE_IDS].argmax())]  # image ids are drawn among image columns
     for image in (SamplingSettings(0.0), SamplingSettings(1.0, top_k=1), SamplingSettings(1.0, top_p=1e-6)):
-        sampler = ModalitySamplingLogitsProcessor(VOCABULARY, image, text=SamplingSettings(0.0))
+        sampler = ModalitySamplingLogitsProcessor(vocabulary, image, text=SamplingSettings(0.0))
         out = sampler(ids, scores)
         assert int(out[0].argmax()) == best_image_id and int(out[1].argmax()) == int(scores[1].argmax())
         assert out.isfinite().sum() == 2
@@ -374,19 +379,21 @@ def test_top_k_top_p_filter_matches_transformers_warpers(top_k, top_p, seed):
 def test_guidance_scores_follow_the_formula_only_inside_images():
     ids = torch.tensor([[BOS, BOI, IMAGE_IDS[0]], [BOS, 5, 6]] * 3)  # 3 groups x 2 prompts
     prompt, image_only, unconditional = torch.randn(3, 2, VOCAB).unbind(0)
-    unconditional[:, 7] = float("-inf")
+    unconditional[:, IMAGE_IDS[7]] = float("-inf")
     two = ImageGuidanceLogitsProcessor(VOCABULARY, 3.0)(ids[:4], torch.cat([prompt, unconditional]))
-    expected = unconditional[0] + 3.0 * (prompt[0] - unconditional[0])
+    expected = unconditional[0, IMAGE_IDS] + 3.0 * (prompt[0, IMAGE_IDS] - unconditional[0, IMAGE_IDS])
     expected[7] = float("-inf")
-    torch.testing.assert_close(two[0], expected)
-    torch.testing.assert_close(two[2], expected)  # the unconditional row gets the same scores
+    for row in (0, 2):  # the unconditional row gets the same scores
+        torch.testing.assert_close(two[row, IMAGE_IDS], expected)
+        torch.testing.assert_close(two[row, :IMAGE_OFFSET], prompt[0, :IMAGE_OFFSET])  # banned there by the grammar
     torch.testing.assert_close(two[1], prompt[1])  # text row: the prompt stream's scores
     torch.testing.assert_close(two[3], prompt[1])
     three = ImageGuidanceLogitsProcessor(VOCABULARY, 3.0, 1.5)(ids, torch.cat([prompt, image_only, unconditional]))
-    expected = (unconditional[0] + 1.5 * (image_only[0] - unconditional[0]) + 3.0 * (prompt[0] - image_only[0]))
+    p, i, u = (stream[0, IMAGE_IDS] for stream in (prompt, image_only, unconditional))
+    expected = u + 1.5 * (i - u) + 3.0 * (p - i)
     expected[7] = float("-inf")
     for row in (0, 2, 4):
-        torch.testing.assert_close(three[row], expected)
+        torch.testing.assert_close(three[row, IMAGE_IDS], expected)
 
 
 def steered_model(seed=0):
