@@ -31,23 +31,28 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, re.S)
 
 
-def run_python(script: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """Run a script in a fresh interpreter; a failure shows its stderr."""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def start_python(script: str, env: dict, cwd: Path) -> subprocess.Popen:
+    """A fresh interpreter running `script`."""
+    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
 
 
-def last_json_line(result: subprocess.CompletedProcess):
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def finish(process: subprocess.Popen, stdin: str = "") -> tuple[str, str]:
+    """Its (stdout, stderr) once it ends; a failure shows its stderr."""
+    stdout, stderr = process.communicate(stdin, timeout=300)
+    assert process.returncode == 0, stderr[-4000:]
+    return stdout, stderr
+
+
+def last_json_line(output: tuple[str, str]):
+    return json.loads(output[0].strip().splitlines()[-1])
 
 
 def hub_env(hub: StandInHub, home: Path, **extra) -> dict:
     """Environment of a process talking to the stand-in: its own HF_HOME, no token unless given."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_ENDPOINT": hub.url, "HF_HOME": str(home / "hf"),
            "HF_MODULES_CACHE": str(home / "modules"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     return env | extra
 
 
@@ -56,6 +61,15 @@ def noise_image(seed: int = 0) -> Image.Image:
 
 
 # --- what gets published, and what it does before publishing ------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread than on threads that wait for busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -84,29 +98,25 @@ def original(tmp_path_factory):
             "image_ids": image_ids.tolist(), "adapter_logits": adapter_logits}
 
 
-@pytest.fixture(scope="module")
-def published(original, tmp_path_factory):
-    """The stand-in Hub after publishing the model and the adapter, and after Trainer's push_to_hub."""
-    root, home = original["root"], tmp_path_factory.mktemp("trainer")
-    hub = StandInHub().start()
-    publish(root / "model", "org/tiny", token=TOKEN, endpoint=hub.url, training_config=TRAINING_CONFIG,
-            evaluation={"eval_loss": 2.5, "eval_runtime": 0.1})
-    publish(root / "adapter", "org/tiny-lora", token=TOKEN, endpoint=hub.url, base_model="org/tiny",
-            training_config=TRAINING_CONFIG)
-    output = run_python(TRAINER_SCRIPT.format(model=str(root / "model"), out=str(home / "out"), token=TOKEN,
-                                              ids=LOGIT_IDS), hub_env(hub, home, HF_TOKEN=TOKEN), home)
-    trained_logits = torch.tensor(last_json_line(output))
-    yield {"hub": hub, "trained_logits": trained_logits, "trainer_output": home / "out"}
-    hub.stop()
-
-
-# A Trainer run with push_to_hub=True (token from TrainingArguments), then the train command's way: save_state
-# and publish() of the output folder (token from HF_TOKEN). Prints the trained model's logits.
-TRAINER_SCRIPT = """
-import json, torch
+# On a machine with the library installed: the command (dry run; refused without a token; published with the
+# token file `hf auth login` writes), then Trainer with push_to_hub=True, then publish() of Trainer's output
+# folder the way the train command does. Prints the trained model's logits.
+LOCAL_SCRIPT = """
+import json, os, torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 from chameleon_fusion import ChameleonFusionForConditionalGeneration, ChameleonFusionProcessor
+from chameleon_fusion.cli import main
 from chameleon_fusion.publish import publish
+
+main(["publish", {model!r}, "--repo-id", "org/from-cli", "--dry-run"])
+try:
+    main(["publish", {model!r}, "--repo-id", "org/from-cli"])
+except ValueError as error:
+    print("refused:", error)
+os.makedirs(os.environ["HF_HOME"], exist_ok=True)
+with open(os.path.join(os.environ["HF_HOME"], "token"), "w") as handle:  # where `hf auth login` keeps it
+    handle.write({token!r})
+main(["publish", {model!r}, "--repo-id", "org/from-cli", "--private"])
 
 model = ChameleonFusionForConditionalGeneration.from_pretrained({model!r})
 processor = ChameleonFusionProcessor.from_pretrained({model!r})
@@ -125,8 +135,8 @@ with torch.inference_mode():
 """
 
 
-# Loads everything from the stand-in in a process where chameleon_fusion cannot be imported, and runs the
-# usage snippets of the published cards (those that need no chameleon_fusion import).
+# Where chameleon_fusion cannot be imported: everything from the stand-in with trust_remote_code, and the usage
+# snippets of the published cards (those without a chameleon_fusion import). Waits for a line on stdin first.
 REMOTE_SCRIPT = """
 import json, re, sys
 sys.modules["chameleon_fusion"] = None
@@ -136,6 +146,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+sys.stdin.readline()
 out = {{}}
 model = AutoModelForCausalLM.from_pretrained("org/tiny", trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("org/tiny", trust_remote_code=True)
@@ -163,11 +174,33 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def remote(original, published, tmp_path_factory):
-    """What a fresh process without chameleon_fusion gets from the published repositories."""
-    home = tmp_path_factory.mktemp("remote")
-    script = REMOTE_SCRIPT.format(prompt=PROMPT, image=str(original["root"] / "image.png"), ids=LOGIT_IDS)
-    return last_json_line(run_python(script, hub_env(published["hub"], home), home))
+def published(original, tmp_path_factory):
+    """The stand-in Hub after every way of publishing, and what the local and the remote process saw.
+
+    The two processes start together (their imports take the longest); the remote one reads the Hub only
+    after the local one has finished.
+    """
+    root, home = original["root"], tmp_path_factory.mktemp("processes")
+    hub = StandInHub().start()
+    remote = start_python(REMOTE_SCRIPT.format(prompt=PROMPT, image=str(root / "image.png"), ids=LOGIT_IDS),
+                          hub_env(hub, home / "remote"), home)
+    local = start_python(LOCAL_SCRIPT.format(model=str(root / "model"), out=str(home / "out"), token=TOKEN,
+                                             ids=LOGIT_IDS), hub_env(hub, home / "local"), home)
+    publish(root / "model", "org/tiny", token=TOKEN, endpoint=hub.url, training_config=TRAINING_CONFIG,
+            evaluation={"eval_loss": 2.5, "eval_runtime": 0.1})
+    publish(root / "adapter", "org/tiny-lora", token=TOKEN, endpoint=hub.url, base_model="org/tiny",
+            training_config=TRAINING_CONFIG)
+    local_output = finish(local)
+    requests_before_remote = list(hub.requests)
+    remote_output = finish(remote, "go\n")
+    yield {"hub": hub, "local_output": local_output, "requests_before_remote": requests_before_remote,
+           "trained_logits": torch.tensor(last_json_line(local_output)), "remote": last_json_line(remote_output)}
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def remote(published):
+    return published["remote"]
 
 
 # --- loading what was published -----------------------------------------------------------------------------
@@ -239,33 +272,16 @@ def test_card_snippets_that_import_the_library_run_against_local_folders(origina
 # --- the command and its checks ----------------------------------------------------------------------------
 
 
-CLI_SCRIPT = """
-import os, sys
-from chameleon_fusion.cli import main
-folder = {folder!r}
-main(["publish", folder, "--repo-id", "org/from-cli", "--dry-run"])
-try:
-    main(["publish", folder, "--repo-id", "org/from-cli"])
-except ValueError as error:
-    print("refused:", error)
-os.makedirs(os.environ["HF_HOME"], exist_ok=True)
-with open(os.path.join(os.environ["HF_HOME"], "token"), "w") as handle:  # where `hf auth login` keeps it
-    handle.write({token!r})
-main(["publish", folder, "--repo-id", "org/from-cli", "--private"])
-"""
-
-
-def test_command_dry_runs_refuses_without_a_token_then_publishes_with_the_login_token(original, hub, tmp_path):
-    result = run_python(CLI_SCRIPT.format(folder=str(original["root"] / "model"), token=TOKEN),
-                        hub_env(hub, tmp_path), tmp_path)
-    output = result.stdout + result.stderr
+def test_command_dry_runs_refuses_without_a_token_then_publishes_with_the_login_token(original, published):
+    output = "".join(published["local_output"])
     assert "would upload 19 files" in output and "README.md" in output and "image_tokenizer/model.safetensors" in output
     assert "refused: no Hugging Face token found" in output
     assert TOKEN not in output
-    assert hub.requests and all(token == TOKEN for _, _, token in hub.requests)  # nothing sent before the token
+    # no request ever went out without the token: the dry run and the refused publish sent nothing
+    assert all(token == TOKEN for _, _, token in published["requests_before_remote"])
+    hub = published["hub"]
     assert hub.repos["org/from-cli"].private
-    uploaded = hub.files("org/from-cli")
-    local = original["root"] / "model"
+    uploaded, local = hub.files("org/from-cli"), original["root"] / "model"
     assert uploaded["model.safetensors"] == (local / "model.safetensors").read_bytes()
     assert uploaded["image_tokenizer/model.safetensors"] == (local / "image_tokenizer" / "model.safetensors").read_bytes()
 
