@@ -62,6 +62,7 @@ class StandInHub:
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.unrouted: list[tuple[str, str]] = []  # requests for an endpoint the stand-in does not have
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -289,6 +290,7 @@ def _handler_for(hub: StandInHub):
                         if error.code:
                             headers["X-Error-Code"] = error.code
                         return error.status, headers, json.dumps({"error": str(error)}).encode()
+            hub.unrouted.append((self.command, path))
             return 404, {"Content-Type": "application/json"}, b'{"error": "not served by the stand-in Hub"}'
 
         do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _serve

@@ -95,7 +95,7 @@ def original(tmp_path_factory):
         base_logits = model(torch.tensor(LOGIT_IDS)).logits
     assert not torch.allclose(adapter_logits, base_logits, atol=1e-3)  # the adapter changes something
     return {"root": root, "prompt_ids": inputs["input_ids"].tolist(), "text_ids": text_ids.tolist(),
-            "image_ids": image_ids.tolist(), "adapter_logits": adapter_logits}
+            "image_ids": image_ids.tolist(), "adapter_logits": adapter_logits, "base_logits": base_logits}
 
 
 # On a machine with the library installed: the command (dry run; refused without a token; published with the
@@ -206,7 +206,8 @@ def remote(published):
 # --- loading what was published -----------------------------------------------------------------------------
 
 
-def test_published_model_and_processor_load_with_remote_code_and_generate_the_same_ids(original, remote):
+def test_published_model_and_processor_load_with_remote_code_and_generate_the_same_ids(original, published, remote):
+    assert published["hub"].unrouted == []  # the clients asked for nothing the stand-in lacks
     assert all(module.startswith("transformers_modules") for module in remote["classes"]), remote["classes"]
     assert remote["prompt_ids"] == original["prompt_ids"]
     assert remote["text_ids"] == original["text_ids"]
@@ -217,10 +218,11 @@ def test_published_adapter_loads_on_the_base_model_and_gives_the_same_logits(ori
     assert torch.allclose(torch.tensor(remote["adapter_logits"]), original["adapter_logits"], atol=1e-5)
 
 
-def test_trainer_push_to_hub_publishes_a_model_that_loads_with_the_trained_weights(published, remote):
+def test_trainer_push_to_hub_publishes_a_model_that_loads_with_the_trained_weights(original, published, remote):
     files = published["hub"].files("org/trained")
     assert {"model.safetensors", "config.json", "modeling_chameleon_fusion.py", "processor_config.json",
             "image_tokenizer/model.safetensors"} <= set(files)
+    assert not torch.allclose(published["trained_logits"], original["base_logits"], atol=1e-3)  # it trained
     assert torch.allclose(torch.tensor(remote["trained_logits"]), published["trained_logits"], atol=1e-5)
 
 
