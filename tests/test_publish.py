@@ -38,10 +38,13 @@ def start_python(script: str, env: dict, cwd: Path) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, stdin: str = "") -> tuple[str, str]:
-    """Its (stdout, stderr) once it ends; a failure shows its stderr."""
-    stdout, stderr = process.communicate(stdin, timeout=300)
-    assert process.returncode == 0, stderr[-4000:]
-    return stdout, stderr
+    """Its (stdout, stderr) once it ends."""
+    return process.communicate(stdin, timeout=300)
+
+
+def succeeded(process: subprocess.Popen, output: tuple[str, str]) -> tuple[str, str]:
+    assert process.returncode == 0, output[1][-4000:]
+    return output
 
 
 def last_json_line(output: tuple[str, str]):
@@ -186,21 +189,26 @@ def published(original, tmp_path_factory):
                           hub_env(hub, home / "remote"), home)
     local = start_python(LOCAL_SCRIPT.format(model=str(root / "model"), out=str(home / "out"), token=TOKEN,
                                              ids=LOGIT_IDS), hub_env(hub, home / "local"), home)
-    publish(root / "model", "org/tiny", token=TOKEN, endpoint=hub.url, training_config=TRAINING_CONFIG,
-            evaluation={"eval_loss": 2.5, "eval_runtime": 0.1})
-    publish(root / "adapter", "org/tiny-lora", token=TOKEN, endpoint=hub.url, base_model="org/tiny",
-            training_config=TRAINING_CONFIG)
-    local_output = finish(local)
+    try:
+        publish(root / "model", "org/tiny", token=TOKEN, endpoint=hub.url, training_config=TRAINING_CONFIG,
+                evaluation={"eval_loss": 2.5, "eval_runtime": 0.1})
+        publish(root / "adapter", "org/tiny-lora", token=TOKEN, endpoint=hub.url, base_model="org/tiny",
+                training_config=TRAINING_CONFIG)
+        local_output = succeeded(local, finish(local))
+    except BaseException:
+        local.kill(), remote.kill(), hub.stop()
+        raise
     requests_before_remote = list(hub.requests)
     remote_output = finish(remote, "go\n")
     yield {"hub": hub, "local_output": local_output, "requests_before_remote": requests_before_remote,
-           "trained_logits": torch.tensor(last_json_line(local_output)), "remote": last_json_line(remote_output)}
+           "trained_logits": torch.tensor(last_json_line(local_output)), "remote": (remote, remote_output)}
     hub.stop()
 
 
 @pytest.fixture(scope="module")
 def remote(published):
-    return published["remote"]
+    """What the remote process printed (a failure there fails only the tests that read it)."""
+    return last_json_line(succeeded(*published["remote"]))
 
 
 # --- loading what was published -----------------------------------------------------------------------------
