@@ -50,22 +50,6 @@ GENERATION_DEFAULTS = {
 }
 
 
-
-def generation_config_with(generation_config: GenerationConfig, **settings) -> GenerationConfig:
-    """A copy of generation_config carrying extra settings (GENERATION_DEFAULTS names) that survive saving.
-
-    transformers drops unknown keys when it loads a generation_config.json flagged as derived from the model
-    config (a model's default one is); the copy is no longer flagged, so its settings load back.
-    """
-    unknown = sorted(set(settings) - set(GENERATION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown generation settings {unknown}; known: {sorted(GENERATION_DEFAULTS)}")
-    config = copy.deepcopy(generation_config)
-    config._from_model_config = False
-    for name, value in settings.items():
-        setattr(config, name, value)
-    return config
-
 # --- row states ------------------------------------------------------------------------------------------
 
 
@@ -441,8 +425,7 @@ class GuidanceStreams:
     """
 
     num_groups: int
-    batch_size: int
-    prompt_mask: torch.Tensor  # (num_groups * batch_size, prompt_length)
+    prompt_mask: torch.Tensor  # (num_groups * prompts, prompt_length), left padding
     vocabulary: Vocabulary
     _image_mask: torch.Tensor | None = None
 
@@ -454,7 +437,7 @@ class GuidanceStreams:
         """(rows, length) visibility of every id for the next forward."""
         generated = input_ids[:, self.prompt_length :]
         visible = torch.ones_like(generated, dtype=torch.bool)
-        batch, columns = self.batch_size, generated.shape[1]
+        batch, columns = input_ids.shape[0] // self.num_groups, generated.shape[1]
         if columns:
             position = torch.arange(1, columns + 1, device=generated.device)
             unconditional = generated[-batch:]
@@ -511,7 +494,7 @@ def build_guidance_streams(
     pad = vocabulary.pad_token_id if vocabulary.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows], device=input_ids.device)
     mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows], device=input_ids.device)
-    plan = GuidanceStreams(len(groups), len(prompts), mask, vocabulary)
+    plan = GuidanceStreams(len(groups), mask, vocabulary)
     return ids, mask, plan
 
 
@@ -581,6 +564,7 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
             raise ValueError("generate() needs input_ids (inputs)")
         settings = {name: ours.get(name, getattr(generation_config, name, default))
                     for name, default in GENERATION_DEFAULTS.items()}
+        input_ids, model_kwargs = _repeat_for_return_sequences(input_ids, model_kwargs, generation_config)
         prompts = _unpadded_rows(input_ids, model_kwargs.get("attention_mask"))
         plan = self._plan(prompts, input_ids.shape[1], generation_config, generation_mode or "text", settings,
                           length_given)
@@ -618,9 +602,10 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
             max_new_tokens=self._max_new_tokens(generation_config, generation_mode, prompts, prompt_length,
                                                 length_given),
             max_images=settings["max_images"],
-            image_sampling=SamplingSettings(
-                float(settings["image_temperature"]), int(settings["image_top_k"]), float(settings["image_top_p"])
-            ),
+            image_sampling=SamplingSettings(*(
+                kind(GENERATION_DEFAULTS[name] if settings[name] is None else settings[name])
+                for name, kind in (("image_temperature", float), ("image_top_k", int), ("image_top_p", float))
+            )),
             text_sampling=_text_sampling(settings, generation_config),
         )
         if settings["text_guidance_scale"] is not None or settings["image_guidance_scale"] is not None:
@@ -659,7 +644,8 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
                 "image_guidance_scale conditions on the prompt's images and no prompt has one; "
                 "use text_guidance_scale alone for guidance by the prompt"
             )
-        plan.text_guidance_scale = float(settings["text_guidance_scale"] or 1.0)
+        text_scale = settings["text_guidance_scale"]
+        plan.text_guidance_scale = 1.0 if text_scale is None else float(text_scale)
         if settings["image_guidance_scale"] is not None:
             plan.image_guidance_scale = float(settings["image_guidance_scale"])
         plan.unconditional_ids = self._unconditional_ids(settings["unconditional_ids"])
@@ -711,6 +697,38 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         if plan.text_sampling is not None:
             config.do_sample, config.temperature, config.top_k, config.top_p = False, None, None, None
         return config
+
+
+def generation_config_with(generation_config: GenerationConfig, **settings) -> GenerationConfig:
+    """A copy of generation_config carrying extra settings (GENERATION_DEFAULTS names) that survive saving.
+
+    transformers drops unknown keys when it loads a generation_config.json flagged as derived from the model
+    config (a model's default one is); the copy is no longer flagged, so its settings load back.
+    """
+    unknown = sorted(set(settings) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown generation settings {unknown}; known: {sorted(GENERATION_DEFAULTS)}")
+    config = copy.deepcopy(generation_config)
+    config._from_model_config = False
+    for name, value in settings.items():
+        setattr(config, name, value)
+    return config
+
+
+def _repeat_for_return_sequences(input_ids, model_kwargs, generation_config):
+    """Without beams, repeat each prompt num_return_sequences times here (and run the loop with 1): the loop's
+    own repetition needs do_sample=True, and our sampler draws the tokens with the loop left greedy."""
+    repeats = generation_config.num_return_sequences or 1
+    if repeats == 1 or (generation_config.num_beams or 1) > 1:
+        return input_ids, model_kwargs
+    rows = input_ids.shape[0]
+    model_kwargs = {
+        name: value.repeat_interleave(repeats, dim=0)
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+        for name, value in model_kwargs.items()
+    }
+    generation_config.num_return_sequences = 1
+    return input_ids.repeat_interleave(repeats, dim=0), model_kwargs
 
 
 def _text_sampling(settings: dict, generation_config) -> SamplingSettings | None:

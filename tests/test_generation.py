@@ -495,9 +495,11 @@ def test_guidance_with_sampling_returns_prompt_rows_that_keep_the_grammar():
     ids, mask = left_pad(rows)
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_mode="interleaved", do_sample=True,
-                         text_guidance_scale=4.0, max_new_tokens=20, sequence_bias={(BOI,): 30.0})
-    assert out.shape[0] == 2
-    for row, prompt in zip(out.tolist(), rows):
+                         text_guidance_scale=4.0, max_new_tokens=20, sequence_bias={(BOI,): 30.0},
+                         num_return_sequences=2)
+    assert out.shape[0] == 4
+    for row, prompt in zip(out.tolist(), [rows[0], rows[0], rows[1], rows[1]]):
+        assert row[: ids.shape[1]] == ids[rows.index(prompt)].tolist()
         assert BOI in row and not grammar_violations(prompt, row[ids.shape[1]:], "interleaved", ids.shape[1],
                                                      ids.shape[1] + 20)
 
@@ -543,11 +545,9 @@ def test_generate_keeps_the_grammar_with_every_search_and_cache():
 def test_image_tokens_are_sampled_by_default_even_with_greedy_text():
     model = tiny_model()
     ids = torch.tensor([[BOS, 5, 6]])
-    images = set()
-    for seed in range(3):
-        torch.manual_seed(seed)
-        images.add(tuple(model.generate(ids, generation_mode="image")[0, 3:].tolist()))
-    assert len(images) == 3
+    torch.manual_seed(0)
+    out = model.generate(ids, generation_mode="image", num_return_sequences=3)
+    assert out.shape == (3, 3 + S + 3) and len({tuple(row) for row in out[:, 3:].tolist()}) == 3
     greedy = {tuple(model.generate(ids, generation_mode="image", image_temperature=0)[0].tolist()) for _ in range(2)}
     assert len(greedy) == 1
 
