@@ -160,9 +160,9 @@ def training_rows(training_config: dict | None) -> list[tuple[str, str]]:
     """The training options as (name, value), nested mappings flattened, secrets and unset values left out."""
     rows = []
     for name, value in _flatten(training_config or {}):
-        if value is None or value == [] or SECRET_KEY.search(name):
+        if value is None or value == [] or callable(value) or SECRET_KEY.search(name):
             continue
-        rows.append((name, _cell(value if isinstance(value, str) else json.dumps(value))))
+        rows.append((name, _cell(value if isinstance(value, str) else json.dumps(value, default=str))))
     return rows
 
 

@@ -51,14 +51,12 @@ def publish(folder, repo_id: str, *, private: bool = False, dry_run: bool = Fals
     """Check everything, write the Hub-ready folder, then `create_repo` + `upload_folder` (unless dry_run).
 
     processor: a folder with the processor when `folder` has none. base_model: the Hub id the model was
-    fine-tuned from (an adapter's base, when adapter_config.json names a local folder). training_config and
-    evaluation (metric -> number) go into the card; by default they come from trainer_state.json and
-    eval_results.json in the folder. endpoint: another Hub than HF_ENDPOINT / huggingface.co.
+    fine-tuned from (an adapter's base, when adapter_config.json names a local folder). training_config (the
+    options of the run) and evaluation (metric -> number, default: eval_results.json in the folder) go into the
+    card, with the progress in trainer_state.json. endpoint: another Hub than HF_ENDPOINT / huggingface.co.
     """
     check_repo_id(repo_id)
-    token = token or get_token()
-    if not token and not dry_run:
-        raise ValueError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` (write access needed)")
+    token = token if dry_run else find_token(token)
     with tempfile.TemporaryDirectory(prefix="chameleon-fusion-publish-") as staging:
         files = prepare_hub_folder(folder, staging, repo_id, base_model=base_model, processor=processor,
                                    license=license, datasets=datasets, training_config=training_config,
@@ -86,6 +84,39 @@ def check_repo_id(repo_id: str) -> None:
     else:
         return
     raise ValueError(f"invalid repo id {repo_id!r}: {problem}")
+
+
+def find_token(token: str | None = None) -> str:
+    """The token given, else HF_TOKEN, else the one `hf auth login` saved; a ValueError when there is none."""
+    token = token or get_token()
+    if not token:
+        raise ValueError("no Hugging Face token found: set HF_TOKEN or run `hf auth login` (write access needed)")
+    return token
+
+
+# --- the train command's --publish-repo-id ------------------------------------------------------------------
+
+
+def check_training_publication(options) -> None:
+    """Before a run of `train --publish-repo-id`: the repo id, a token, and for an adapter a base model on the Hub."""
+    check_repo_id(options.publish_repo_id)
+    find_token()
+    saves_adapter = (getattr(options, "lora", False) or getattr(options, "image_rows", False)) and not getattr(
+        options, "merge_adapter", False)
+    if saves_adapter and _hub_model(getattr(options, "model", None)) is None:
+        raise ValueError(f"--publish-repo-id with an adapter needs --model to be the base model's Hub id, got "
+                         f"{getattr(options, 'model', None)!r}; or pass --merge-adapter to publish a full model")
+
+
+def publish_training_output(options) -> Publication:
+    """After `train --publish-repo-id`: the output folder, with the run's options as the card's training config."""
+    training_config = {name: value for name, value in vars(options).items() if not callable(value)}
+    return publish(options.output_dir, options.publish_repo_id, base_model=_hub_model(getattr(options, "model", None)),
+                   training_config=training_config)
+
+
+def _hub_model(name: str | None) -> str | None:
+    return name if name and REPO_ID.fullmatch(name) and not Path(name).exists() else None
 
 
 # --- the Hub-ready folder -----------------------------------------------------------------------------------

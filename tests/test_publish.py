@@ -3,6 +3,7 @@
 Loading runs in fresh processes with HF_ENDPOINT pointed at the stand-in (huggingface_hub reads it at import).
 """
 
+import argparse
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from PIL import Image
 from tiny import tiny_config, tiny_processor
 
 from chameleon_fusion import ChameleonFusionForConditionalGeneration
-from chameleon_fusion.publish import publish
+from chameleon_fusion.publish import check_training_publication, publish
 
 PROMPT = "a photo of <image> and"
 LOGIT_IDS = [[300, 5, 17, 304, 306, 307, 33, 40]]
@@ -102,14 +103,14 @@ def original(tmp_path_factory):
 
 
 # On a machine with the library installed: the command (dry run; refused without a token; published with the
-# token file `hf auth login` writes), then Trainer with push_to_hub=True, then publish() of Trainer's output
-# folder the way the train command does. Prints the trained model's logits.
+# token file `hf auth login` writes), then Trainer with push_to_hub=True, then Trainer's output folder published
+# the way `train --publish-repo-id` does. Prints the trained model's logits.
 LOCAL_SCRIPT = """
-import json, os, torch
+import argparse, json, os, torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 from chameleon_fusion import ChameleonFusionForConditionalGeneration, ChameleonFusionProcessor
 from chameleon_fusion.cli import main
-from chameleon_fusion.publish import publish
+from chameleon_fusion.publish import publish_training_output
 
 main(["publish", {model!r}, "--repo-id", "org/from-cli", "--dry-run"])
 try:
@@ -132,7 +133,9 @@ trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=p
 trainer.train()
 trainer.push_to_hub()
 trainer.save_state()
-publish({out!r}, "org/trained-card", training_config={{"max_steps": 2}})
+options = argparse.Namespace(output_dir={out!r}, publish_repo_id="org/trained-card", model={model!r},
+                             max_steps=2, lora=False, run=main)  # what `train --publish-repo-id` hands over
+publish_training_output(options)
 with torch.inference_mode():
     print(json.dumps(model.eval()(torch.tensor({ids!r})).logits.tolist()))
 """
@@ -196,7 +199,9 @@ def published(original, tmp_path_factory):
                 training_config=TRAINING_CONFIG)
         local_output = succeeded(local, finish(local))
     except BaseException:
-        local.kill(), remote.kill(), hub.stop()
+        for process in (local, remote):
+            process.kill()
+        hub.stop()
         raise
     requests_before_remote = list(hub.requests)
     remote_output = finish(remote, "go\n")
@@ -239,7 +244,18 @@ def test_publishing_a_trainer_output_folder_leaves_training_state_out_and_descri
     assert "model.safetensors" in files and "image_tokenizer/config.json" in files
     assert not any(name.endswith((".bin", ".pt")) or name.startswith("checkpoint") for name in files)
     card = ModelCard(files["README.md"].decode())
-    assert "Trained for 2 steps" in card.text and "| max_steps | 2 |" in card.text
+    assert "Trained for 2 steps" in card.text and "| max_steps | 2 |" in card.text and "function" not in card.text
+
+
+def test_train_publish_options_are_checked_before_training(monkeypatch, original):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run = argparse.Namespace(publish_repo_id="org/run", model="org/base", lora=True, merge_adapter=False)
+    check_training_publication(run)
+    with pytest.raises(ValueError, match="invalid repo id"):
+        check_training_publication(argparse.Namespace(**{**vars(run), "publish_repo_id": "org/a b"}))
+    with pytest.raises(ValueError, match="needs --model to be the base model's Hub id"):
+        check_training_publication(argparse.Namespace(**{**vars(run), "model": str(original["root"] / "model")}))
+    check_training_publication(argparse.Namespace(**{**vars(run), "model": "./local", "merge_adapter": True}))
 
 
 # --- the card ----------------------------------------------------------------------------------------------
