@@ -556,7 +556,10 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         length_given = kwargs.get("max_length") is not None or self.generation_config.max_length is not None or (
             generation_config is not None and generation_config.max_length is not None
         )
+        return_sequences = kwargs.pop("num_return_sequences", None)  # transformers refuses it for greedy loops
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if return_sequences is not None:
+            generation_config.num_return_sequences = return_sequences
         for name in ("output_attentions", "output_hidden_states"):
             model_kwargs.pop(name, None)  # already in generation_config
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
