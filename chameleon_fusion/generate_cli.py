@@ -1,8 +1,8 @@
 """Generate text, an image, or an interleaved document from a prompt with a saved model and processor.
 
-    chameleon-fusion generate --model DIR --prompt "a red circle" --mode image --out out/
-
-Writes output.txt (text), image_<n>.png (image) or index.html with its PNGs (interleaved) into --out.
+Example: chameleon-fusion generate --model DIR --prompt "a red circle" --mode image --out out/ .
+Writes output.txt (text mode), image_<n>.png (image mode) or index.html with its PNGs (interleaved mode)
+into --out; a progress bar counts the generated tokens.
 """
 
 from __future__ import annotations

@@ -749,8 +749,11 @@ def _text_sampling(settings: dict, generation_config) -> SamplingSettings | None
         temperature = (generation_config.temperature or 1.0) if do_sample else 0.0
     if temperature == 0:
         return None
-    top_k = explicit["top_k"] if explicit["top_k"] is not None else (generation_config.top_k or 0) * do_sample
-    top_p = explicit["top_p"] if explicit["top_p"] is not None else (generation_config.top_p or 1.0)
+    top_k, top_p = explicit["top_k"], explicit["top_p"]
+    if top_k is None:
+        top_k = (generation_config.top_k or 0) if do_sample else 0
+    if top_p is None:
+        top_p = generation_config.top_p or 1.0
     return SamplingSettings(float(temperature), int(top_k), float(top_p))
 
 
