@@ -17,6 +17,7 @@ TAGS = ["chameleon-fusion", "early-fusion", "multimodal", "text-generation", "te
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$")
 SKIPPED_METRICS = re.compile(r"(runtime|per_second|epoch|step)$")
 HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+PEFT_NAMES = {"LORA": "LoRA", "TRAINABLE_TOKENS": "trainable-tokens"}
 
 
 @dataclass
@@ -98,7 +99,8 @@ def template_context(facts: CardFacts) -> dict:
         "evaluation": [(name, _number(value)) for name, value in facts.evaluation.items()],
     }
     if facts.adapter_config is not None:
-        context["adapter"] = {"peft_type": facts.adapter_config.get("peft_type", "PEFT"),
+        peft_type = facts.adapter_config.get("peft_type", "PEFT")
+        context["adapter"] = {"peft_type": PEFT_NAMES.get(peft_type, peft_type),
                               "size": format_bytes(facts.weights_bytes), "rows": adapter_rows(facts)}
     return context
 
@@ -235,8 +237,6 @@ def _token_string(processor, token_id: int) -> str:
 
 
 def _summary(facts: CardFacts) -> str:
-    if facts.adapter_config is not None:
-        return f"A {facts.adapter_config.get('peft_type', 'PEFT')} adapter for {facts.base_model}."
     size = f"A {_count(facts.parameters)}-parameter" if facts.parameters else "An"
     origin = f", fine-tuned from [{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else ""
     return f"{size} early-fusion text-and-image model{origin}."

@@ -128,6 +128,9 @@ def prepare_hub_folder(folder, out_dir, repo_id: str, *, base_model: str | None 
     """Write into out_dir what a repository needs (files are linked, not copied, where the system allows)."""
     source, out = Path(folder), Path(out_dir)
     kind = folder_kind(source)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: the Hub-ready folder is written into an empty or new folder")
     processor_dir = Path(processor) if processor is not None else source
     facts = CardFacts(repo_id=repo_id, license=license, training_config=training_config,
                       trainer_state=_read_json(source / "trainer_state.json"))

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 from tiny import tiny_config, tiny_processor
 
 from chameleon_fusion import ChameleonFusionForConditionalGeneration
-from chameleon_fusion.publish import check_training_publication, publish
+from chameleon_fusion.publish import PACKAGE_DIR, check_training_publication, prepare_hub_folder, publish
 
 PROMPT = "a photo of <image> and"
 LOGIT_IDS = [[300, 5, 17, 304, 306, 307, 33, 40]]
@@ -310,6 +311,22 @@ def test_command_dry_runs_refuses_without_a_token_then_publishes_with_the_login_
     uploaded, local = hub.files("org/from-cli"), original["root"] / "model"
     assert uploaded["model.safetensors"] == (local / "model.safetensors").read_bytes()
     assert uploaded["image_tokenizer/model.safetensors"] == (local / "image_tokenizer" / "model.safetensors").read_bytes()
+
+
+def test_sharded_weights_are_staged_and_missing_code_files_come_from_the_package(original, tmp_path):
+    shutil.copytree(original["root"] / "model", tmp_path / "sharded")
+    (tmp_path / "sharded" / "model.safetensors").unlink()
+    (tmp_path / "sharded" / "vocabulary.py").unlink()
+    model = ChameleonFusionForConditionalGeneration.from_pretrained(original["root"] / "model")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = dict(prepare_hub_folder(tmp_path / "sharded", tmp_path / "hub", "org/sharded"))
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and shards | {"model.safetensors.index.json", "vocabulary.py"} <= set(files)
+    assert (tmp_path / "hub" / "vocabulary.py").read_bytes() == (PACKAGE_DIR / "vocabulary.py").read_bytes()
+    assert f"| parameters | {model.num_parameters() / 1e3:.1f}K |" in ModelCard.load(tmp_path / "hub" / "README.md").text
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_hub_folder(tmp_path / "sharded", tmp_path / "hub", "org/sharded")
 
 
 def test_bad_folders_and_repo_ids_are_refused_before_any_request(original, hub, tmp_path):
