@@ -109,7 +109,8 @@ def layout_rows(vocabulary, processor=None) -> list[tuple[str, str]]:
     """(token ids, what they are) for the text ids, each special id and the image ids."""
     rows = []
     if vocabulary.text_vocab_size:
-        rows.append((f"0 – {vocabulary.text_vocab_size - 1}", f"text: the {vocabulary.text_vocab_size} BPE tokens"))
+        among = "" if vocabulary.contiguous else " (the image-code ids below are among them)"
+        rows.append((f"0 – {vocabulary.text_vocab_size - 1}", f"the tokenizer's {vocabulary.text_vocab_size} tokens{among}"))
     specials = [("bos_token_id", "beginning of sequence"), ("pad_token_id", "padding"),
                 ("image_token_id", "image placeholder in prompts (the processor replaces it with the image)"),
                 ("boi_token_id", "begin of image"), ("eoi_token_id", "end of image")]

@@ -30,7 +30,8 @@ IMAGE_TOKENIZER = "image_tokenizer"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# files of an earlier upload that this one replaces: old weight shards must not outlive their index
+STALE_FILES = ["*.safetensors", "*.safetensors.index.json", f"{IMAGE_TOKENIZER}/*"]
 NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 REPO_ID = re.compile(rf"{NAME}/{NAME}")
 
@@ -66,7 +67,7 @@ def publish(folder, repo_id: str, *, private: bool = False, dry_run: bool = Fals
         api = HfApi(endpoint=endpoint, token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(
-            repo_id=repo.repo_id, folder_path=staging, delete_patterns=["*.safetensors", "*.safetensors.index.json"],
+            repo_id=repo.repo_id, folder_path=staging, delete_patterns=STALE_FILES,
             commit_message=commit_message or "Publish with chameleon-fusion",
         )
     return Publication(repo.repo_id, files, commit.commit_url)
