@@ -11,6 +11,16 @@ from transformers import (
 )
 
 from .configuration_chameleon_fusion import ChameleonFusionConfig, ChameleonFusionVQVAEConfig
+from .document_html import write_document_html
+from .generation import (
+    ChameleonFusionGenerationMixin,
+    EarlyFusionLogitsProcessor,
+    ImageGuidanceLogitsProcessor,
+    ModalityConstrainedLogitsProcessor,
+    ModalitySamplingLogitsProcessor,
+    SamplingSettings,
+    generation_config_with,
+)
 from .image_processing_chameleon_fusion import ChameleonFusionImageProcessor
 from .modeling_chameleon_fusion import (
     ChameleonFusionCausalLMOutput,
@@ -53,6 +63,14 @@ __all__ = [
     "ChameleonFusionForConditionalGeneration",
     "ChameleonFusionCausalLMOutput",
     "ChameleonFusionVQVAE",
+    "ChameleonFusionGenerationMixin",
+    "EarlyFusionLogitsProcessor",
+    "ImageGuidanceLogitsProcessor",
+    "ModalityConstrainedLogitsProcessor",
+    "ModalitySamplingLogitsProcessor",
+    "SamplingSettings",
+    "generation_config_with",
+    "write_document_html",
     "ChameleonFusionImageProcessor",
     "ChameleonFusionProcessor",
     "train_bpe_tokenizer",
