@@ -50,9 +50,9 @@ class Repo:
 class HubError(Exception):
     """An error answer: status, message, and the X-Error-Code the client maps to its exception classes."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, **fields):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.fields = status, code, fields
 
 
 class StandInHub:
@@ -127,7 +127,7 @@ class StandInHub:
             raise HubError(400, "the stand-in Hub serves model repos only")
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         if repo_id in self.repos:
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
         repo = Repo(private=payload.get("visibility", "private" if payload.get("private") else "public") != "public")
         repo.commit({".gitattributes": GITATTRIBUTES}, "initial commit")
         self.repos[repo_id] = repo
@@ -289,7 +289,7 @@ def _handler_for(hub: StandInHub):
                         headers = {"Content-Type": "application/json", "X-Error-Message": str(error)}
                         if error.code:
                             headers["X-Error-Code"] = error.code
-                        return error.status, headers, json.dumps({"error": str(error)}).encode()
+                        return error.status, headers, json.dumps({"error": str(error), **error.fields}).encode()
             hub.unrouted.append((self.command, path))
             return 404, {"Content-Type": "application/json"}, b'{"error": "not served by the stand-in Hub"}'
 

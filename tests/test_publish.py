@@ -313,7 +313,7 @@ def test_command_dry_runs_refuses_without_a_token_then_publishes_with_the_login_
     assert uploaded["image_tokenizer/model.safetensors"] == (local / "image_tokenizer" / "model.safetensors").read_bytes()
 
 
-def test_sharded_weights_are_staged_and_missing_code_files_come_from_the_package(original, tmp_path):
+def test_sharded_weights_are_staged_and_missing_code_files_come_from_the_package(original, hub, tmp_path):
     shutil.copytree(original["root"] / "model", tmp_path / "sharded")
     (tmp_path / "sharded" / "model.safetensors").unlink()
     (tmp_path / "sharded" / "vocabulary.py").unlink()
@@ -327,6 +327,11 @@ def test_sharded_weights_are_staged_and_missing_code_files_come_from_the_package
     assert f"| parameters | {model.num_parameters() / 1e3:.1f}K |" in ModelCard.load(tmp_path / "hub" / "README.md").text
     with pytest.raises(FileExistsError, match="not empty"):
         prepare_hub_folder(tmp_path / "sharded", tmp_path / "hub", "org/sharded")
+    # published sharded, then again as one file: no shard of the first upload is left to confuse from_pretrained
+    publish(tmp_path / "sharded", "org/sharded", token=TOKEN, endpoint=hub.url)
+    publish(original["root"] / "model", "org/sharded", token=TOKEN, endpoint=hub.url)
+    assert [name for name in hub.files("org/sharded") if "safetensors" in name] == [
+        "image_tokenizer/model.safetensors", "model.safetensors"]
 
 
 def test_bad_folders_and_repo_ids_are_refused_before_any_request(original, hub, tmp_path):
