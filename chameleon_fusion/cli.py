@@ -10,6 +10,7 @@ COMMANDS = {
     "convert": "chameleon_fusion.convert.command",
     "train-tokenizer": "chameleon_fusion.training.tokenizer",
     "train-vq": "chameleon_fusion.training.vq",
+    "train": "chameleon_fusion.training.train",
     "generate": "chameleon_fusion.generate_cli",
     "publish": "chameleon_fusion.publish",
 }
