@@ -340,6 +340,8 @@ def run(args) -> int:
         print(f"  {format_bytes(size):>10}  {path}")
     if publication.commit_url:
         print(f"commit: {publication.commit_url}")
+    if args.dry_run and not get_token():
+        print("note: no Hugging Face token found; set HF_TOKEN or run `hf auth login` before publishing")
     return 0
 
 

@@ -53,12 +53,11 @@ def last_json_line(output: tuple[str, str]):
     return json.loads(output[0].strip().splitlines()[-1])
 
 
-def hub_env(hub: StandInHub, home: Path, **extra) -> dict:
-    """Environment of a process talking to the stand-in: its own HF_HOME, no token unless given."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_ENDPOINT": hub.url, "HF_HOME": str(home / "hf"),
-           "HF_MODULES_CACHE": str(home / "modules"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return env | extra
+def hub_env(hub: StandInHub, home: Path) -> dict:
+    """Environment of a process talking to the stand-in: its own empty HF_HOME, no token."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_ENDPOINT": hub.url, "HF_HOME": str(home / "hf"),
+            "HF_MODULES_CACHE": str(home / "modules"), "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def noise_image(seed: int = 0) -> Image.Image:
@@ -302,7 +301,7 @@ def test_card_snippets_that_import_the_library_run_against_local_folders(origina
 def test_command_dry_runs_refuses_without_a_token_then_publishes_with_the_login_token(original, published):
     output = "".join(published["local_output"])
     assert "would upload 19 files" in output and "README.md" in output and "image_tokenizer/model.safetensors" in output
-    assert "refused: no Hugging Face token found" in output
+    assert "note: no Hugging Face token found" in output and "refused: no Hugging Face token found" in output
     assert TOKEN not in output
     # no request ever went out without the token: the dry run and the refused publish sent nothing
     assert all(token == TOKEN for _, _, token in published["requests_before_remote"])
