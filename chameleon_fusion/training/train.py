@@ -10,6 +10,7 @@ examples/accelerate/ddp.yaml -m chameleon_fusion train ...`.
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -181,9 +182,19 @@ def training_arguments(options) -> TrainingArguments:
         bf16=options.bf16,
         activation_checkpointing=options.activation_checkpointing,
         remove_unused_columns=False,  # the collator reads prompt_length
+        use_cpu=not _has_accelerator(),  # else Trainer sees one process per CPU rank, and refuses bf16
     )
     fields.update(options.training_args)
-    return TrainingArguments(**fields)
+    arguments = TrainingArguments(**fields)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and arguments.world_size != launched:
+        raise ValueError(f"{launched} processes were launched but Trainer sees {arguments.world_size}; on CPU set use_cpu")
+    return arguments
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 # --- data and model -----------------------------------------------------------------------------------------
