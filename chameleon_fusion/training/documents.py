@@ -40,22 +40,21 @@ def read_jsonl(path: str | os.PathLike, cache_dir: str | None = None) -> dataset
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no JSONL file at {path}")
-    rows = list(_parse_jsonl(path))
-    if not rows:
+    digest = hashlib.sha256(path.read_bytes())
+    count = 0
+    for row in _parse_jsonl(path):
+        count += 1
+        _add_images(digest, row)
+    if not count:
         raise ValueError(f"{path} holds no documents")
     return datasets.Dataset.from_generator(
-        _yield_rows,
-        features=DOCUMENT_FEATURES,
-        cache_dir=cache_dir,
-        gen_kwargs={"rows": rows, "images": _images_signature(rows)},
+        _parse_jsonl, features=DOCUMENT_FEATURES, cache_dir=cache_dir,
+        gen_kwargs={"path": path.resolve(), "digest": digest.hexdigest()},
     )
 
 
-def _yield_rows(rows, images):
-    yield from rows
-
-
-def _parse_jsonl(path: Path):
+def _parse_jsonl(path: Path, digest: str | None = None):
+    """Rows of a JSONL file; `digest` (of its content and images) only keys datasets' cache."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -100,15 +99,12 @@ def _segments(segments, folder: Path, where: str) -> list[dict]:
     return checked
 
 
-def _images_signature(rows) -> str:
-    """A digest of every image's path, size and modification time: an edited image invalidates the cache."""
-    digest = hashlib.sha256()
-    for row in rows:
-        for segment in row["prompt"] + row["segments"]:
-            if segment["image"]:
-                stat = os.stat(segment["image"])
-                digest.update(f"{segment['image']}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+def _add_images(digest, row: dict) -> None:
+    """Fold every image's path, size and modification time into the digest: an edited image is a new dataset."""
+    for segment in row["prompt"] + row["segments"]:
+        if segment["image"]:
+            stat = os.stat(segment["image"])
+            digest.update(f"{segment['image']}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
 def load_documents(name_or_path: str, split: str = "train", cache_dir: str | None = None) -> datasets.Dataset:
