@@ -456,7 +456,8 @@ def test_train_command_from_a_config_file_with_lora_merged(corpus, saved_model, 
     config = tmp_path / "train.yaml"
     config.write_text(
         f"data: {corpus}\nmodel: {saved_model}\nmax_steps: 2\nbatch_size: 2\nlogging_steps: 1\n"
-        f"lora: true\nmerge_adapter: true\ncache_dir: {tmp_path / 'cache'}\n"
+        f"lora: true\nmerge_adapter: true\ncache_dir: {tmp_path / 'cache'}\neval_data: {corpus}\neval_steps: 2\n"
+        "modality_start: text=1\nmodality_end: interleaved=1\n"
         "training_args:\n  save_strategy: 'no'\n  disable_tqdm: true\n",
         encoding="utf-8",
     )
@@ -468,7 +469,10 @@ def test_train_command_from_a_config_file_with_lora_merged(corpus, saved_model, 
     assert torch.equal(merged.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert (tmp_path / "out" / "image_tokenizer").is_dir()
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
-    assert "text_loss" in state["log_history"][0] and state["log_history"][1]["learning_rate"] > 0
+    train_logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert "text_loss" in train_logs[0] and train_logs[1]["learning_rate"] > 0
+    assert train_logs[1]["image_token_share"] > 0  # the ramp ends on interleaved rows
+    assert any("eval_loss" in entry for entry in state["log_history"])
 
 
 def test_train_command_names_bad_options(corpus, saved_model, tmp_path):
