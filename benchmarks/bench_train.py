@@ -6,7 +6,9 @@
 Throughput: one model and one optimizer recipe (AdamW, linear decay, clipping at 1.0), the same rows through
 the same DataLoader + EarlyFusionCollator; the plain loop is forward, backward, clip, step. Trainer's overhead is
 the ratio; a third run adds EarlyFusionLoggingCallback (per-modality losses every step, attention logits at
-each logging step). Steps before --warmup are not timed.
+each logging step). A step is timed from the end of the previous one (data, forward, backward, update); the
+figure is the median step after --warmup, over --repeats runs of each loop, interleaved, so that busy spells of a
+shared machine do not decide the ratio.
 
 Data pipeline: JSONL documents (text, one image, text) -> read_jsonl -> tokenize_documents (BPE + batched VQ
 encoding), fresh cache each time; then the same call again, served from datasets' cache.
@@ -99,19 +101,14 @@ def training_rows(args, processor) -> list[dict]:
 
 
 class StepClock(TrainerCallback):
-    """Wall time from the start of step `warmup` to the end of the last step."""
+    """The time at the end of every optimizer step."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.stop = warmup, None, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            _synchronize()
-            self.start = time.perf_counter()
+    def __init__(self):
+        self.ends = []
 
     def on_step_end(self, args, state, control, **kwargs):
         _synchronize()
-        self.stop = time.perf_counter()
+        self.ends.append(time.perf_counter())
 
 
 def _synchronize():
@@ -119,7 +116,12 @@ def _synchronize():
         torch.cuda.synchronize()
 
 
-def trainer_seconds(args, processor, rows, with_callback: bool) -> float:
+def _intervals(ends: list[float], warmup: int) -> dict[int, float]:
+    """Step number -> seconds from the end of the previous step to its end (fetch, forward, backward, update)."""
+    return {step + 1: ends[step] - ends[step - 1] for step in range(max(warmup, 1), len(ends))}
+
+
+def trainer_steps(args, processor, rows, with_callback: bool) -> dict[int, float]:
     model = build_model(args, processor)
     with tempfile.TemporaryDirectory() as folder:
         training_args = TrainingArguments(
@@ -128,37 +130,35 @@ def trainer_seconds(args, processor, rows, with_callback: bool) -> float:
             report_to=[], disable_tqdm=True, remove_unused_columns=False, dataloader_pin_memory=False,
             use_cpu=args.device == "cpu", seed=0,
         )
-        clock = StepClock(args.warmup)
+        clock = StepClock()
         trainer = Trainer(model=model, args=training_args, train_dataset=rows,
                           data_collator=EarlyFusionCollator(processor.vocabulary), callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
         if with_callback:
             EarlyFusionLoggingCallback().attach(trainer)
         trainer.train()
-    return clock.stop - clock.start
+    return _intervals(clock.ends, args.warmup)
 
 
-def plain_loop_seconds(args, processor, rows) -> float:
+def plain_loop_steps(args, processor, rows) -> dict[int, float]:
     model = build_model(args, processor).to(args.device).train()
     loader = DataLoader(rows, batch_size=args.batch, shuffle=True, collate_fn=EarlyFusionCollator(processor.vocabulary),
                         generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as Trainer's default adamw_torch_fused
     schedule = get_linear_schedule_with_warmup(optimizer, 0, args.steps)
-    start = None
+    ends = []
     for step, batch in enumerate(loader):
         if step == args.steps:
             break
-        if step == args.warmup:
-            _synchronize()
-            start = time.perf_counter()
         batch = {k: v.to(args.device) for k, v in batch.items()}
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    _synchronize()
-    return time.perf_counter() - start
+        _synchronize()
+        ends.append(time.perf_counter())
+    return _intervals(ends, args.warmup)
 
 
 def write_documents(folder: Path, count: int, resolution: int) -> Path:
@@ -207,23 +207,29 @@ def main():
     datasets.disable_progress_bars()
     processor = build_processor(args.resolution)
     rows = training_rows(args, processor)
-    tokens = args.batch * args.seq * (args.steps - args.warmup)
-    seconds = {"plain": [], "trainer": [], "logged": []}
+    tokens = args.batch * args.seq
+    steps = {"plain": [], "trainer": [], "logged": []}
     for _ in range(args.repeats):  # interleaved, so that a busy spell on the machine hits all three
-        seconds["plain"].append(plain_loop_seconds(args, processor, rows))
-        seconds["trainer"].append(trainer_seconds(args, processor, rows, with_callback=False))
-        seconds["logged"].append(trainer_seconds(args, processor, rows, with_callback=True))
-    plain, trainer, logged = (tokens / statistics.median(seconds[k]) for k in ("plain", "trainer", "logged"))
+        steps["plain"].append(plain_loop_steps(args, processor, rows))
+        steps["trainer"].append(trainer_steps(args, processor, rows, with_callback=False))
+        steps["logged"].append(trainer_steps(args, processor, rows, with_callback=True))
+    typical = {name: statistics.median(t for run in runs for t in run.values()) for name, runs in steps.items()}
+    logging_steps = [t for run in steps["logged"] for step, t in run.items() if step % args.logging_steps == 0]
     parameters = sum(p.numel() for p in build_model(args, processor).parameters())
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"# bench_train  {date.today()}  {platform.machine()} {platform.system()}, {device}, torch {torch.__version__}")
     print(f"model: {parameters / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), float32; "
-          f"batch {args.batch} x {args.seq} tokens; {args.steps - args.warmup} timed steps; median of {args.repeats}")
-    print("| loop | tokens/s | vs plain loop |")
-    print("|---|---|---|")
-    for name, rate in (("plain PyTorch loop", plain), ("transformers.Trainer", trainer),
-                       ("Trainer + EarlyFusionLoggingCallback", logged)):
-        print(f"| {name} | {rate:,.0f} | {rate / plain:.2f}x |")
+          f"batch {args.batch} x {args.seq} tokens; median step of {args.steps - args.warmup} steps x {args.repeats} runs")
+    print("| loop | ms / step | tokens/s | vs plain loop |")
+    print("|---|---|---|---|")
+    for name, label in (("plain", "plain PyTorch loop"), ("trainer", "transformers.Trainer"),
+                        ("logged", "Trainer + EarlyFusionLoggingCallback")):
+        print(f"| {label} | {typical[name] * 1e3:.1f} | {tokens / typical[name]:,.0f} | "
+              f"{typical['plain'] / typical[name]:.2f}x |")
+    if logging_steps:
+        extra = statistics.median(logging_steps) - typical["logged"]
+        print(f"a logging step with the callback (attention logits measured): {extra * 1e3:+.1f} ms "
+              f"({extra / typical['logged']:+.0%} of a step), every {args.logging_steps} steps")
     latent = processor.vq_model.config.latent_size
     fresh, cached, encode = pipeline_rates(args, processor)
     print(f"data pipeline: {args.documents} JSONL documents (text, one {args.resolution * 2}x{args.resolution * 3 // 2} "
