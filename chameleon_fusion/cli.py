@@ -7,6 +7,8 @@ import sys
 # subcommand -> module holding `add_arguments(parser)` and `run(args)`; the module docstring is its help.
 COMMANDS = {
     "demo": "chameleon_fusion.demo",
+    "recipe": "chameleon_fusion.fashion.recipe",
+    "eval": "chameleon_fusion.fashion.evaluate",
     "convert": "chameleon_fusion.convert.command",
     "train-tokenizer": "chameleon_fusion.training.tokenizer",
     "train-vq": "chameleon_fusion.training.vq",
