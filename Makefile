@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
+FASHION_MNIST_DIR := $(or $(CHAMELEON_FUSION_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
+FASHION_MNIST := $(FASHION_MNIST_DIR)/t10k-images-idx3-ubyte.gz
+
 .PHONY: demo test test-slow lint bench clean
 
 $(BIN)/python:
@@ -17,13 +20,19 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-demo: $(VENV)/.installed
+# real Fashion-MNIST (MIT) from Debian's registry; the demo, the recipe and some tests read it
+$(FASHION_MNIST):
+	@command -v apt-get >/dev/null || { echo "install Debian's dataset-fashion-mnist, or set CHAMELEON_FUSION_FASHION_MNIST to a folder of the idx.gz files"; exit 1; }
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q dataset-fashion-mnist || \
+	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q dataset-fashion-mnist; }
+
+demo: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/chameleon-fusion demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(VENV)/.installed
