@@ -41,7 +41,6 @@ from chameleon_fusion import (
 )
 from chameleon_fusion.training.callbacks import EarlyFusionLoggingCallback
 from chameleon_fusion.training.collator import EarlyFusionCollator
-from chameleon_fusion.training.documents import read_jsonl, tokenize_documents
 
 WORDS = "a photo of a sneaker next to an ankle boot the quick brown fox jumps over the lazy dog".split()
 
@@ -178,6 +177,8 @@ def write_documents(folder: Path, count: int, resolution: int) -> Path:
 def pipeline_rates(args, processor) -> tuple[float, float, float]:
     """Documents/s tokenizing from scratch (median of --repeats fresh caches) and again from the cache; images/s
     of the VQ encoding alone, its upper bound."""
+    from chameleon_fusion.training.documents import read_jsonl, tokenize_documents
+
     fresh, cached, encode = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         path = write_documents(Path(folder), args.documents, args.resolution)
@@ -202,9 +203,6 @@ def pipeline_rates(args, processor) -> tuple[float, float, float]:
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    import datasets
-
-    datasets.disable_progress_bars()
     processor = build_processor(args.resolution)
     rows = training_rows(args, processor)
     tokens = args.batch * args.seq
@@ -230,6 +228,12 @@ def main():
         extra = statistics.median(logging_steps) - typical["logged"]
         print(f"a logging step with the callback (attention logits measured): {extra * 1e3:+.1f} ms "
               f"({extra / typical['logged']:+.0%} of a step), every {args.logging_steps} steps")
+    try:
+        import datasets
+    except ImportError:
+        print("data pipeline: skipped, `datasets` is not installed")
+        return
+    datasets.disable_progress_bars()
     latent = processor.vq_model.config.latent_size
     fresh, cached, encode = pipeline_rates(args, processor)
     print(f"data pipeline: {args.documents} JSONL documents (text, one {args.resolution * 2}x{args.resolution * 3 // 2} "
