@@ -47,14 +47,6 @@ MODES = ("text", "image", "interleaved")
 FAST = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy machine OpenMP hand-offs cost more than the work, so use one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- an independent, row-by-row statement of the grammar ----------------------------------------------------
 

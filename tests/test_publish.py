@@ -67,14 +67,6 @@ def noise_image(seed: int = 0) -> Image.Image:
 # --- what gets published, and what it does before publishing ------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread than on threads that wait for busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
