@@ -1,5 +1,6 @@
 """Image tokenizer speed: encode images/s of ours vs transformers' ChameleonVQVAE (same config, same
-weights, same process), and decode images/s of ours (transformers has no decoder).
+weights, same process), and decode images/s of ours (transformers has no decoder); then the trained
+Fashion-MNIST tokenizer's quality on the 10k test images.
 
     .venv/bin/python benchmarks/bench_vq.py [--tokenizer runs/vq-fashion]
 
@@ -14,12 +15,16 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
 from chameleon_fusion.configuration_chameleon_fusion import ChameleonFusionVQVAEConfig
+from chameleon_fusion.fashion_mnist import load_fashion_mnist
 from chameleon_fusion.modeling_vqvae import ChameleonFusionVQVAE
+from chameleon_fusion.training.vq import evaluate_tokenizer, fashion_mnist_uint8, to_pixel_values
 
 
 def transformers_twin(ours: ChameleonFusionVQVAE) -> ChameleonVQVAE:
@@ -70,11 +75,39 @@ def compare(name: str, ours: ChameleonFusionVQVAE, batch: int, rounds: int, seco
           f"{max(decode_rates):,.1f} | {same:.4f} |", flush=True)
 
 
+@torch.inference_mode()
+def quality(model: ChameleonFusionVQVAE):
+    """Round-trip quality on the 10k Fashion-MNIST test images, at 32 px and back at the native 28 px."""
+    images28, _ = load_fashion_mnist("test")
+    images = fashion_mnist_uint8("test", model.config.resolution)
+    metrics = evaluate_tokenizer(model, images)
+    print("quality on the 10k test images (32 px, vs the bicubic-resized input): " + ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+    def back_to_28(gray):  # float (N, 32, 32) in [0, 255] -> (N, 28, 28), PIL bicubic
+        return np.stack([np.asarray(Image.fromarray(g).resize((28, 28), Image.BICUBIC)) for g in gray])
+
+    decoded = []
+    for start in range(0, len(images), 500):
+        pixels = to_pixel_values(images[start : start + 500], model.config.in_channels)
+        decoded.append(model.decode(model.encode(pixels)).mean(1))  # the channels are one gray image
+    decoded = ((torch.cat(decoded) + 1) * 127.5).numpy().astype(np.float32)
+    resized_only = images[:, 0].numpy().astype(np.float32)
+
+    def mean_psnr(estimate):
+        mse = ((estimate.clip(0, 255) - images28.astype(np.float32)) ** 2).reshape(len(estimate), -1).mean(1)
+        return float(np.mean(10 * np.log10(255**2 / np.maximum(mse, 1e-10))))
+
+    print(f"native 28 px PSNR (decode, bicubic back to 28): {mean_psnr(back_to_28(decoded)):.2f} dB; "
+          f"ceiling of the 28->32->28 resize alone: {mean_psnr(back_to_28(resized_only)):.2f} dB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default="runs/vq-fashion", help="a saved ChameleonFusionVQVAE")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
+    parser.add_argument("--skip-quality", action="store_true", help="speed only, no test-set round trip")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -83,6 +116,7 @@ def main():
     print("| case | batch | ours encode img/s | transformers encode img/s | ratio | ours decode img/s "
           "| same codes |")
     print("|---|---|---|---|---|---|---|")
+    fashion = None
     if Path(args.tokenizer).exists():
         fashion = ChameleonFusionVQVAE.from_pretrained(args.tokenizer)
         compare(f"Fashion-MNIST tokenizer ({args.tokenizer}), 32 px", fashion, 256, args.rounds, args.seconds)
@@ -90,6 +124,8 @@ def main():
         print(f"(no tokenizer at {args.tokenizer}: train one with `chameleon-fusion train-vq --fashion-mnist`)")
     chameleon_arch = ChameleonFusionVQVAE(ChameleonFusionVQVAEConfig(resolution=128))  # Chameleon's sizes
     compare("Chameleon architecture, random weights, 128 px", chameleon_arch, 4, args.rounds, args.seconds)
+    if fashion is not None and not args.skip_quality:
+        quality(fashion.eval())
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ class ChameleonFusionVQVAE(PreTrainedModel):
             side = math.isqrt(indices.shape[1])
             if side * side != indices.shape[1]:
                 raise ValueError(f"indices of shape (batch, n) need a square n, got {tuple(indices.shape)}")
-            indices = indices.view(indices.shape[0], side, side)
+            indices = indices.reshape(indices.shape[0], side, side)
         if indices.ndim != 3:
             raise ValueError(f"indices must have shape (batch, h, w) or (batch, h * w), got {tuple(indices.shape)}")
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.config.codebook_size):

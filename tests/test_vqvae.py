@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
@@ -389,11 +390,35 @@ def test_train_vq_reads_a_datasets_image_column(tmp_path, image_folder):
 
 
 @pytest.mark.skipif(not fashion_mnist_root().exists(), reason="Debian package dataset-fashion-mnist missing")
-def test_a_trained_tokenizer_re_encodes_its_own_decodings(tmp_path):
-    """encode(decode(codes)) == codes for most positions once the tokenizer is trained a little."""
+def test_a_trained_tokenizer_re_encodes_its_own_decodings():
+    """encode(decode(codes)) == codes for most positions once a (tiny, 16 px) tokenizer is trained.
+
+    Untrained, this model keeps 28% of its codes; after these 80 steps 69%. The bundled 32 px tokenizer's
+    rate on the 10k test images is in benchmarks/RESULTS.md.
+    """
+    images, _ = load_fashion_mnist("test")
+    pixels = torch.from_numpy(images[:, None].copy()).float()
+    pixels = (F.interpolate(pixels, size=16, mode="bilinear", antialias=True) / 127.5 - 1).expand(-1, 3, -1, -1)
+    train, held_out = pixels[:9000], pixels[9000:]
+    model = tiny_model(channel_multiplier=[1, 1], mid_attention=False, quantizer="ema", dead_code_threshold=1.0,
+                       reconstruction_loss="l2").train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    for batch in torch.randint(len(train), (80, 32), generator=torch.Generator().manual_seed(0)):
+        model(train[batch]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    codes = model.encode(held_out)
+    rate = (model.encode(model.decode(codes)) == codes).float().mean().item()
+    assert rate > 0.5, rate
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_root().exists(), reason="Debian package dataset-fashion-mnist missing")
+def test_train_vq_on_fashion_mnist_reports_test_metrics(tmp_path):
     out = tmp_path / "fashion"
     assert run_train_vq("--fashion-mnist", "--output-dir", out, "--steps", 150, "--resolution", "16",
                         "--channel-multiplier", "1", "2", "--codebook-size", "64", "--batch-size", "32",
                         "--log-every", "50", "--save-every", "1000") == 0
     metrics = json.loads((out / "eval_results.json").read_text())
-    assert metrics["reencode_same_code_rate"] > 0.5, metrics
+    assert metrics["images"] == 10000 and metrics["reencode_same_code_rate"] > 0.5, metrics
