@@ -1,9 +1,11 @@
 """Documents <-> ids: text through the BPE tokenizer, images through the VQ-VAE, one sequence in one ID space."""
 
+import hashlib
 import os
 import warnings
 
 import torch
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 from .image_processing_chameleon_fusion import split_batch
@@ -12,6 +14,7 @@ from .tokenization_chameleon_fusion import token_id
 from .vocabulary import Vocabulary
 
 IMAGE_TOKENIZER_FOLDER = "image_tokenizer"
+CODES_KEY, DIGEST_KEY = "chameleon_fusion_codes", "chameleon_fusion_pixels_sha256"
 GENERATION_MODES = ("text", "image", "interleaved")
 
 
@@ -188,19 +191,33 @@ class ChameleonFusionProcessor(ProcessorMixin):
         return samples, image_list
 
     def encode_images(self, images) -> list[list[int]]:
-        """Images -> for each, the `<boi>` + image token ids + `<eoi>` segment, VQ-encoded in batches."""
+        """Images -> for each, the `<boi>` + image token ids + `<eoi>` segment, VQ-encoded in batches.
+
+        An image this processor decoded, and that is still pixel for pixel what it decoded, keeps the codes it
+        was decoded from: feeding a generated image back (the next turn of a conversation) costs no re-encoding
+        loss and no encoder pass.
+        """
         if self.vq_model is None:
             raise ValueError("this processor has no image tokenizer (vq_model); it cannot encode images")
-        pixel_values = self.image_processor(split_batch(images), return_tensors="pt")["pixel_values"]
+        images = split_batch(images)
+        codes = [_known_codes(image, self.vocabulary.image_seq_length) for image in images]
+        unknown = [i for i, known in enumerate(codes) if known is None]
+        if unknown:
+            pixel_values = self.image_processor([images[i] for i in unknown], return_tensors="pt")["pixel_values"]
+            for index, row in zip(unknown, self._vq_encode(pixel_values)):
+                codes[index] = row
+        ids = self.vocabulary.codes_to_ids(torch.stack(codes))
+        boi, eoi = self.vocabulary.boi_token_id, self.vocabulary.eoi_token_id
+        return [[boi, *row, eoi] for row in ids.tolist()]
+
+    def _vq_encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vq = self.vq_model
         codes = []
         with torch.inference_mode():
             for start in range(0, len(pixel_values), self.image_batch_size):
                 chunk = pixel_values[start : start + self.image_batch_size].to(vq.device, vq.dtype)
                 codes.append(vq.encode(chunk).flatten(1).cpu())
-        ids = self.vocabulary.codes_to_ids(torch.cat(codes))
-        boi, eoi = self.vocabulary.boi_token_id, self.vocabulary.eoi_token_id
-        return [[boi, *row, eoi] for row in ids.tolist()]
+        return torch.cat(codes)
 
     def _assemble(self, samples, image_ids, add_bos: bool, add_eos: bool) -> list[list[int]]:
         texts = [part for sample in samples for part in sample if isinstance(part, str) and part]
@@ -305,7 +322,10 @@ class ChameleonFusionProcessor(ProcessorMixin):
         return ids.tolist()
 
     def decode_images(self, codes: list[list[int]]):
-        """Image codebook indices (one list per image) -> an iterator of PIL images, VQ-decoded in batches."""
+        """Image codebook indices (one list per image) -> an iterator of PIL images, VQ-decoded in batches.
+
+        Each image remembers its codes (and a digest of its pixels), so encoding it again gives them back.
+        """
         if not codes:
             return iter(())
         if self.vq_model is None:
@@ -316,6 +336,8 @@ class ChameleonFusionProcessor(ProcessorMixin):
             for start in range(0, len(codes), self.image_batch_size):
                 chunk = torch.tensor(codes[start : start + self.image_batch_size], device=vq.device)
                 pictures += self.image_processor.postprocess(vq.decode(chunk.view(-1, side, side)))
+        for picture, its_codes in zip(pictures, codes):
+            picture.info[CODES_KEY], picture.info[DIGEST_KEY] = list(its_codes), _pixel_digest(picture)
         return iter(pictures)
 
     # --- devices, saving, loading ---------------------------------------------------------------------------
@@ -360,6 +382,20 @@ def _load_image_tokenizer(path, hub_kwargs) -> ChameleonFusionVQVAE | None:
         return ChameleonFusionVQVAE.from_pretrained(path, subfolder=IMAGE_TOKENIZER_FOLDER, **hub_kwargs).eval()
     except OSError:
         return None  # a processor published without an image tokenizer
+
+
+def _pixel_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.mode.encode() + repr(image.size).encode() + image.tobytes()).hexdigest()
+
+
+def _known_codes(image, image_seq_length: int) -> torch.Tensor | None:
+    """The codes an image was decoded from, when it carries them and its pixels were not changed since."""
+    if not isinstance(image, Image.Image) or CODES_KEY not in image.info:
+        return None
+    codes = image.info[CODES_KEY]
+    if len(codes) != image_seq_length or image.info.get(DIGEST_KEY) != _pixel_digest(image):
+        return None
+    return torch.tensor(codes, dtype=torch.long)
 
 
 def split_segments(ids: list[int], vocabulary: Vocabulary) -> list[tuple[str, object]]:

@@ -318,18 +318,29 @@ def test_post_process_gives_text_images_and_interleaved_documents():
     assert last_images[0].size == (16, 16)
 
 
-def test_decode_of_encode_gives_the_same_text_and_the_same_codes():
+def test_decode_of_encode_gives_the_same_text_and_images_whose_codes_re_encode_identically():
     processor = tiny_processor()
     document = ["héllo wörld 🙂 ", noise_image(seed=10), " and a tail"]
     ids = processor(documents=[document])["input_ids"]
     decoded = processor.post_process_multimodal_output(ids, generation_mode="interleaved")[0]
     assert decoded[0] == document[0] and decoded[2] == document[2]
+    assert processor(documents=[decoded])["input_ids"] == ids  # text and image codes come back identical
     start = ids[0].index(processor.vocabulary.boi_token_id) + 1
     codes = processor.vocabulary.ids_to_codes(torch.tensor(ids[0][start : start + processor.vocabulary.image_seq_length]))
     side = processor.vq_model.config.latent_size
     # the decoded picture is exactly what the VQ decoder draws for those codes
     drawn = processor.image_processor.postprocess(processor.vq_model.decode(codes.view(1, side, side)))[0]
     assert np.array_equal(np.asarray(drawn), np.asarray(decoded[1]))
+
+
+def test_an_edited_decoded_image_is_encoded_afresh():
+    processor = tiny_processor()
+    ids = processor(documents=[[noise_image(seed=14)]])["input_ids"]
+    edited = processor.post_process_multimodal_output(ids, generation_mode="image")[0].copy()
+    edited.paste((255, 255, 255), (0, 0, 8, 8))
+    fresh = processor._vq_encode(processor.image_processor(edited)["pixel_values"])
+    again = processor(documents=[[edited]])["input_ids"][0]
+    assert again[2:-1] == processor.vocabulary.codes_to_ids(fresh[0]).tolist()
 
 
 def test_a_truncated_image_segment_is_reported_and_the_rest_decodes():

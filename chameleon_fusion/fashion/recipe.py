@@ -17,7 +17,7 @@ from .documents import training_texts, write_documents
 DECODER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256"]
-FULL = dict(documents=40000, vq_steps=2000, lm_steps=3000, batch_size=32, lr=1.5e-3, judge_epochs=2, per_class=50)
+FULL = dict(documents=40000, vq_steps=1200, lm_steps=1200, batch_size=32, lr=1.5e-3, judge_epochs=2, per_class=50)
 QUICK = dict(documents=300, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1, per_class=2,
              limit_images=2000, eval_limit=100)
 
@@ -104,14 +104,18 @@ def decoder_step(out, sizes, args):
     if (out / "model" / "model.safetensors").exists():
         return
     (out / "decoder_config.json").write_text(json.dumps(DECODER, indent=2))
-    cli_main([
-        "train", "--data", str(out / "data" / "documents.jsonl"), "--model-config", str(out / "decoder_config.json"),
-        "--processor", str(out / "processor"), "--output-dir", str(out / "model"),
-        "--max-steps", str(sizes["lm_steps"]), "--batch-size", str(sizes["batch_size"]), "--lr", str(sizes["lr"]),
-        "--warmup-steps", str(max(1, sizes["lm_steps"] // 20)), "--weight-decay", "0.05",
-        "--prompt-dropout", "0.15", "--logging-steps", "50", "--save-steps", str(10 * sizes["lm_steps"]),
-        "--cache-dir", str(out / "cache"), "--seed", "0",
-    ])
+    steps = sizes["lm_steps"]
+    config = {
+        "data": str(out / "data" / "documents.jsonl"), "model_config": str(out / "decoder_config.json"),
+        "processor": str(out / "processor"), "output_dir": str(out / "model"), "cache_dir": str(out / "cache"),
+        "max_steps": steps, "batch_size": sizes["batch_size"], "lr": sizes["lr"], "warmup_steps": max(1, steps // 20),
+        "weight_decay": 0.05, "prompt_dropout": 0.15, "logging_steps": 50, "save_steps": 10 * steps, "seed": 0,
+        "training_args": {"lr_scheduler_type": "cosine", "train_sampling_strategy": "group_by_length"},
+    }
+    (out / "train_config.json").write_text(json.dumps(config, indent=2))
+    cli_main(["train", "--config", str(out / "train_config.json")])
+    relative = json.dumps(config, indent=2).replace(str(out) + "/", "")
+    (out / "model" / "train_config.json").write_text(relative)  # how it was trained, for the model card
 
 
 def judge_step(out, sizes, args):
@@ -136,7 +140,8 @@ def evaluate_step(out, sizes, args):
 
 
 BUNDLE_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
-                "tokenizer.json", "tokenizer_config.json", "judge.safetensors", "judge.json", "metrics.json")
+                "tokenizer.json", "tokenizer_config.json", "judge.safetensors", "judge.json", "metrics.json",
+                "train_config.json")
 
 
 def bundle(model_folder: Path, target: Path) -> None:
