@@ -5,13 +5,14 @@ Fashion-MNIST tokenizer's quality on the 10k test images.
     .venv/bin/python benchmarks/bench_vq.py [--tokenizer runs/vq-fashion]
 
 Two cases: the trained Fashion-MNIST tokenizer (32 px, 8x8 codes), and Chameleon's own architecture at
-128 px with random weights. Runs are interleaved and the best of several repeats is kept, which makes
-the ratio robust to other work on a shared machine.
+128 px with random weights. The two encoders are called alternately and the ratio is the median of the
+paired time ratios, which keeps it steady on a machine shared with other work.
 """
 
 import argparse
 import datetime
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -44,35 +45,38 @@ def transformers_twin(ours: ChameleonFusionVQVAE) -> ChameleonVQVAE:
     return twin
 
 
-def images_per_second(fn, pixels: torch.Tensor, seconds: float) -> float:
-    """Best rate over repeated calls within a time budget (after one warm-up call)."""
-    fn(pixels)
-    best, spent = 0.0, 0.0
-    while spent < seconds:
-        start = time.perf_counter()
-        fn(pixels)
-        elapsed = time.perf_counter() - start
-        best, spent = max(best, len(pixels) / elapsed), spent + elapsed
-    return best
+def seconds(fn, inputs) -> float:
+    start = time.perf_counter()
+    fn(inputs)
+    return time.perf_counter() - start
 
 
-def compare(name: str, ours: ChameleonFusionVQVAE, batch: int, rounds: int, seconds: float):
+def compare(name: str, ours: ChameleonFusionVQVAE, batch: int, calls: int):
+    """Ours and transformers' encode called alternately `calls` times: the ratio is the median of the paired
+    time ratios, which a shared machine's changing load shifts far less than separate best-of timings."""
     ours.eval()
     twin = transformers_twin(ours)
     side = ours.config.resolution
     pixels = torch.rand(batch, ours.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
     pixels = pixels * 2 - 1
+
+    def twin_encode(x):
+        return twin.encode(x).image_tokens
+
     with torch.inference_mode():
         codes = ours.encode(pixels)
-        same = (codes.flatten() == twin.encode(pixels).image_tokens).float().mean().item()
-        ours_rates, twin_rates, decode_rates = [], [], []
-        for _ in range(rounds):  # interleaved, so both see the same machine load
-            ours_rates.append(images_per_second(ours.encode, pixels, seconds))
-            twin_rates.append(images_per_second(lambda x: twin.encode(x).image_tokens, pixels, seconds))
-            decode_rates.append(images_per_second(ours.decode, codes, seconds))
-    ours_rate, twin_rate = max(ours_rates), max(twin_rates)
-    print(f"| {name} | {batch} | {ours_rate:,.1f} | {twin_rate:,.1f} | **{ours_rate / twin_rate:.2f}x** | "
-          f"{max(decode_rates):,.1f} | {same:.4f} |", flush=True)
+        same = (codes.flatten() == twin_encode(pixels)).float().mean().item()
+        ours.decode(codes)  # warm-up
+        ours_times, twin_times, decode_times = [], [], []
+        for _ in range(calls):
+            ours_times.append(seconds(ours.encode, pixels))
+            twin_times.append(seconds(twin_encode, pixels))
+            decode_times.append(seconds(ours.decode, codes))
+    ratio = statistics.median(t / o for o, t in zip(ours_times, twin_times))
+    rate = {key: batch / statistics.median(times) for key, times in
+            (("ours", ours_times), ("twin", twin_times), ("decode", decode_times))}
+    print(f"| {name} | {batch} | {rate['ours']:,.1f} | {rate['twin']:,.1f} | **{ratio:.2f}x** | "
+          f"{rate['decode']:,.1f} | {same:.4f} |", flush=True)
 
 
 @torch.inference_mode()
@@ -105,8 +109,7 @@ def quality(model: ChameleonFusionVQVAE):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default="runs/vq-fashion", help="a saved ChameleonFusionVQVAE")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=2.0, help="time budget per measurement")
+    parser.add_argument("--calls", type=int, default=15, help="timed calls of each model per case")
     parser.add_argument("--skip-quality", action="store_true", help="speed only, no test-set round trip")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -119,11 +122,11 @@ def main():
     fashion = None
     if Path(args.tokenizer).exists():
         fashion = ChameleonFusionVQVAE.from_pretrained(args.tokenizer)
-        compare(f"Fashion-MNIST tokenizer ({args.tokenizer}), 32 px", fashion, 256, args.rounds, args.seconds)
+        compare(f"Fashion-MNIST tokenizer ({args.tokenizer}), 32 px", fashion, 256, args.calls)
     else:
         print(f"(no tokenizer at {args.tokenizer}: train one with `chameleon-fusion train-vq --fashion-mnist`)")
     chameleon_arch = ChameleonFusionVQVAE(ChameleonFusionVQVAEConfig(resolution=128))  # Chameleon's sizes
-    compare("Chameleon architecture, random weights, 128 px", chameleon_arch, 4, args.rounds, args.seconds)
+    compare("Chameleon architecture, random weights, 128 px", chameleon_arch, 4, args.calls)
     if fashion is not None and not args.skip_quality:
         quality(fashion.eval())
 
