@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import socket
 import warnings
 
 import numpy as np
@@ -201,6 +202,31 @@ def test_a_dead_code_is_reset_onto_a_batch_vector():
     assert weight[:3].tolist() == codes[:3]  # used 4 times each: usage 0.4 >= 0.25, untouched
     assert weight[3].tolist() in [pytest.approx(v) for v in vectors]
     assert module.code_usage[3].item() == pytest.approx(0.25)
+
+
+def _ema_step_on_rank(rank: int, port: int, folder: str):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    module = quantizer([[0.0, 0.0], [10.0, 10.0], [100.0, 100.0]], quantizer="ema", ema_decay=0.5,
+                       dead_code_threshold=0.1).train()
+    torch.manual_seed(rank)  # each rank would pick a different vector for the dead code on its own
+    module(as_latents([[1.0, 0.0], [3.0, 0.0]] if rank == 0 else [[5.0, 0.0], [9.0, 9.0]]))
+    torch.save(module.state_dict(), f"{folder}/{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ema_and_dead_code_reset_agree_across_processes(tmp_path):
+    """Two processes: EMA statistics are summed over both batches and the reset code is rank 0's pick."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_ema_step_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    codes = first["embedding.weight"]
+    assert codes[0].tolist() == pytest.approx([3.0, 0.0])  # mean of (1, 0), (3, 0) and (5, 0)
+    assert codes[1].tolist() == pytest.approx([9.0, 9.0])
+    assert codes[2].tolist() in ([1.0, 0.0], [3.0, 0.0])  # the unused code moved onto a rank-0 vector
 
 
 def test_utilization_and_perplexity_on_a_constructed_batch():

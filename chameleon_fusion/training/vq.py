@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
     train.add_argument("--stop-at", type=int, help="end this run early at this step (checkpointed; see --resume)")
     train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--cpu", action="store_true",
+                       help="train on CPU; with `torchrun --nproc_per_node N` that is N processes over gloo")
     train.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN term weight; 0 turns it off")
     train.add_argument("--gan-start", type=int, default=1000, help="step at which the adversarial term starts")
 
@@ -286,7 +288,7 @@ def run(args) -> int:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     model = build_model(args)
