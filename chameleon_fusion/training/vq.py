@@ -1,8 +1,9 @@
 """Train a VQ-VAE image tokenizer on an image folder, a `datasets` Image column, or Fashion-MNIST.
 
-Runs under accelerate (single CPU process, or `accelerate launch` for more), logs PSNR, codebook
-utilization and perplexity, resumes from `OUTPUT_DIR/checkpoint`, and saves the tokenizer with
-`save_pretrained`. Defaults are the bundled Fashion-MNIST recipe (32 px, 8x8 codes).
+Runs under accelerate: one process, `accelerate launch` on GPUs, or `torchrun --nproc_per_node N` with
+`--cpu` for N CPU processes. Logs PSNR, codebook utilization and perplexity, resumes exactly from
+`OUTPUT_DIR/checkpoint`, and saves the tokenizer with `save_pretrained`. The defaults are the Fashion-MNIST
+recipe (32 px, 8x8 codes from 256; see benchmarks/RESULTS.md).
 """
 
 import argparse
