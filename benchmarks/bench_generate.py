@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from common import contiguous_layout, decoder_sizes
 from transformers import GenerationMixin
 
 from chameleon_fusion import ChameleonFusionConfig, ChameleonFusionForConditionalGeneration
@@ -54,24 +55,10 @@ def parse_args():
 
 def build_model(args) -> ChameleonFusionForConditionalGeneration:
     """A random-weight model with the requested shape, built directly on the device in the requested dtype."""
-    specials = 6
     config = ChameleonFusionConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
+        **decoder_sizes(args),
         max_position_embeddings=max(4096, args.prompt_length + args.image_seq_length + 8),
-        text_vocab_size=args.text_vocab,
-        bos_token_id=args.text_vocab,
-        eos_token_id=args.text_vocab + 1,
-        pad_token_id=args.text_vocab + 2,
-        boi_token_id=args.text_vocab + 3,
-        eoi_token_id=args.text_vocab + 4,
-        image_token_id=args.text_vocab + 5,
-        image_codebook_size=args.codebook,
-        image_token_offset=args.text_vocab + specials,
-        image_seq_length=args.image_seq_length,
+        **contiguous_layout(args.text_vocab, args.codebook, args.image_seq_length),
     )
     torch.manual_seed(0)
     with torch.device(args.device):

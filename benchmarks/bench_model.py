@@ -13,9 +13,11 @@ import statistics
 import time
 
 import torch
+from common import SPECIALS, contiguous_layout, decoder_sizes
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from chameleon_fusion import ChameleonFusionConfig, ChameleonFusionForConditionalGeneration
+from chameleon_fusion.convert.checkpoint import chameleon_image_token_name
 
 
 def parse_args():
@@ -40,37 +42,17 @@ def parse_args():
 
 def build_models(args):
     """Ours and transformers' Chameleon with the same sizes; image codes placed the same way in both."""
-    specials = 6
-    vocab = args.text_vocab + specials + args.codebook
-    ours = ChameleonFusionConfig(
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        text_vocab_size=args.text_vocab,
-        bos_token_id=args.text_vocab,
-        eos_token_id=args.text_vocab + 1,
-        pad_token_id=args.text_vocab + 2,
-        boi_token_id=args.text_vocab + 3,
-        eoi_token_id=args.text_vocab + 4,
-        image_token_id=args.text_vocab + 5,
-        image_codebook_size=args.codebook,
-        image_token_offset=args.text_vocab + specials,
-    )
-    image_names = {_chameleon_image_token_name(k): args.text_vocab + specials + k for k in range(args.codebook)}
+    layout = contiguous_layout(args.text_vocab, args.codebook)
+    vocab = args.text_vocab + SPECIALS + args.codebook
+    ours = ChameleonFusionConfig(vocab_size=vocab, **decoder_sizes(args), **layout)
+    image_names = {chameleon_image_token_name(k): layout["image_token_offset"] + k for k in range(args.codebook)}
     theirs = ChameleonConfig(
         vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        bos_token_id=args.text_vocab,
-        eos_token_id=args.text_vocab + 1,
-        pad_token_id=args.text_vocab + 2,
-        vocabulary_map={"<image>": args.text_vocab + 5, **image_names},
+        **decoder_sizes(args),
+        bos_token_id=layout["bos_token_id"],
+        eos_token_id=layout["eos_token_id"],
+        pad_token_id=layout["pad_token_id"],
+        vocabulary_map={"<image>": layout["image_token_id"], **image_names},
         vq_config={"base_channels": 32, "channel_multiplier": [1, 2], "embed_dim": 32, "latent_channels": 32,
                    "num_embeddings": args.codebook, "resolution": 32},
     )
@@ -83,11 +65,6 @@ def build_models(args):
         with torch.device(args.device):
             models[name] = cls(config).to(dtype=dtype)
     return models
-
-
-def _chameleon_image_token_name(code: int) -> str:
-    """transformers' Chameleon names image code 123 'IMGIMGBCDZ' (digits spelled as letters A-J)."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 def _sync(device):

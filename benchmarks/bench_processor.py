@@ -21,6 +21,7 @@ from transformers import ChameleonConfig, ChameleonModel, ChameleonProcessor
 from transformers.models.chameleon.image_processing_pil_chameleon import ChameleonImageProcessorPil
 
 from chameleon_fusion import ChameleonFusionImageProcessor, ChameleonFusionProcessor, train_bpe_tokenizer
+from chameleon_fusion.convert.checkpoint import chameleon_image_token_name
 from chameleon_fusion.convert.vqgan import load_transformers_chameleon_vqvae
 
 
@@ -43,8 +44,7 @@ def build(args):
         special_tokens={"boi_token": "<racm3:break>", "eoi_token": "<eoss>"},
     )
     codebook_offset = len(tokenizer)
-    image_names = {f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(k))}Z": codebook_offset + k
-                   for k in range(args.codebook)}
+    image_names = {chameleon_image_token_name(k): codebook_offset + k for k in range(args.codebook)}
     vq_config = dict(resolution=args.resolution, base_channels=args.base_channels, embed_dim=64, latent_channels=64,
                      channel_multiplier=args.channel_multiplier, num_embeddings=args.codebook)
     torch.manual_seed(0)
