@@ -54,7 +54,7 @@ def captions(model, processor, count: int) -> list[list]:
     images, labels = load_fashion_mnist("test")
     pictures = [Image.fromarray(image) for image in images[:count]]
     answers = _generate(model, processor, [[picture] for picture in pictures], generation_mode="text",
-                        max_new_tokens=10, do_sample=False)
+                        max_new_tokens=12, do_sample=False)
     return [[picture, "".join(p for p in answer if isinstance(p, str)).strip() + f"   (truth: {CLASS_NAMES[label]})"]
             for picture, answer, label in zip(pictures, answers, labels)]
 

@@ -89,7 +89,7 @@ def _generate(model, processor, documents, batch_size, description, **settings) 
 def caption_accuracy(model, processor, pictures, labels, batch_size) -> float:
     """Image -> text: the share of real test images whose generated caption names their class."""
     answers = _generate(model, processor, [[picture] for picture in pictures], batch_size, "captions",
-                        generation_mode="text", max_new_tokens=10, do_sample=False)
+                        generation_mode="text", max_new_tokens=12, do_sample=False)
     named = [parse_caption("".join(p for p in answer if isinstance(p, str))) for answer in answers]
     return float(np.mean([name == label for name, label in zip(named, labels)]))
 
