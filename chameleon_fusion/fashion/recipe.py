@@ -145,7 +145,8 @@ BUNDLE_FILES = ("config.json", "generation_config.json", "model.safetensors", "p
 
 
 def bundle(model_folder: Path, target: Path) -> None:
-    """Copy what the bundled default needs (weights, processor, judge, metrics) — not code files or checkpoints."""
+    """Copy what the bundled default needs (weights, processor, judge, metrics, its model card) — not code files
+    or checkpoints."""
     if target.exists():
         shutil.rmtree(target)
     (target / "image_tokenizer").mkdir(parents=True)
@@ -153,4 +154,20 @@ def bundle(model_folder: Path, target: Path) -> None:
         shutil.copy2(model_folder / name, target / name)
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(model_folder / "image_tokenizer" / name, target / "image_tokenizer" / name)
+    shutil.copy2(model_card(model_folder), target / "README.md")
     print(f"bundled into {target}")
+
+
+def model_card(model_folder: Path) -> Path:
+    """Render the model card of a recipe output (numbers from its metrics.json) into model_folder/card/README.md."""
+    from ..publish import prepare_hub_folder
+
+    staging = model_folder / "card"
+    shutil.rmtree(staging, ignore_errors=True)
+    prepare_hub_folder(
+        model_folder, staging, "chameleon-fusion/fashion-mnist-default",
+        datasets=["zalando-datasets/fashion_mnist"],
+        training_config=json.loads((model_folder / "train_config.json").read_text()),
+        evaluation=json.loads((model_folder / "metrics.json").read_text()),
+    )
+    return staging / "README.md"
