@@ -87,7 +87,7 @@ def test_demo_writes_a_page_whose_every_image_exists_and_decodes(tmp_path, capsy
     for source in parser.sources:
         with Image.open(tmp_path / "demo" / source) as image:
             image.load()
-            assert image.size == (32, 32)
+            assert image.size in ((28, 28), (32, 32))  # real test images, drawn images
 
 
 def test_eval_prints_every_figure_on_a_small_subset(capsys, tmp_path):
