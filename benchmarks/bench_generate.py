@@ -123,6 +123,7 @@ def processor_seconds_per_step(model, args, guided: bool) -> float:
                                            prompt_length=args.prompt_length, num_stream_groups=groups),
         ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0), num_stream_groups=groups),
         ImageGuidanceLogitsProcessor(vocabulary, args.guidance_scale) if guided else None,
+        states_from_prompt=True,
     )
     scores = torch.randn(rows, vocabulary.vocab_size, device=args.device)
     calls, best = 50, float("inf")

@@ -386,11 +386,62 @@ class ImageGuidanceLogitsProcessor(LogitsProcessor):
         return guided.masked_fill(guided.isnan(), float("-inf"))  # -inf in a stream gives nan or -inf: banned
 
 
+class StateSchedule:
+    """The row states of a "text" or "image" generation, read off the prompt once and looked up at every step.
+
+    In those modes the grammar leaves no choice of segment: a segment the prompt left open is finished, then
+    "image" draws `<boi>`, image_seq_length image ids, `<eoi>` and eos, and "text" stays text. As long as each
+    step appends the token the processors allowed (as generate() does), the state of a row at step t is its
+    schedule's column t (the last column from then on). Beam reordering moves rows only among the beams of one
+    prompt, which share a schedule.
+    """
+
+    def __init__(self, grammar: ModalityConstrainedLogitsProcessor):
+        if grammar.generation_mode not in ("text", "image"):
+            raise ValueError(f"states follow from the prompt in 'text' and 'image' modes, not {grammar.generation_mode!r}")
+        self.grammar = grammar
+        self.columns: list[list[int]] | None = None  # per step: the state of every row
+        self.table: torch.Tensor | None = None  # (steps, rows) on the ids' device
+
+    def at(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """The states of the rows at this step, and the state they all share (None when they differ)."""
+        if self.table is None:
+            self._read_prompt(input_ids)
+        step = min(input_ids.shape[1] - self.grammar.prompt_length, len(self.columns) - 1)
+        column = self.columns[step]
+        return self.table[step], column[0] if len(set(column)) == 1 else None
+
+    def _read_prompt(self, input_ids: torch.Tensor) -> None:
+        grammar, vocabulary = self.grammar, self.grammar.vocabulary
+        if grammar.prompt_length is None:
+            grammar.prompt_length = input_ids.shape[1]
+        inside, drawn = open_image_progress(
+            input_ids[:, : grammar.prompt_length], vocabulary.boi_token_id, vocabulary.eoi_token_id,
+            vocabulary.image_seq_length,
+        )
+        rows = [self._row_states(*row) for row in zip(inside.tolist(), drawn.tolist())]  # the one host sync
+        steps = max(len(row) for row in rows)
+        rows = [row + row[-1:] * (steps - len(row)) for row in rows]
+        self.columns = [list(column) for column in zip(*rows)]
+        self.table = torch.tensor(self.columns, device=input_ids.device)
+
+    def _row_states(self, inside: bool, drawn: int) -> list[int]:
+        codes = self.grammar.vocabulary.image_seq_length
+        states = [IMAGE_CODE] * (codes - drawn) + [END_IMAGE] if inside else []
+        if self.grammar.generation_mode == "text":
+            return states + [TEXT]
+        if not inside:
+            states += [BEGIN_IMAGE] + [IMAGE_CODE] * codes + [END_IMAGE]
+        return states + [END_OF_SEQUENCE]
+
+
 class EarlyFusionLogitsProcessor(LogitsProcessor):
     """Guidance (optional), grammar and sampling in one processor: the row states are derived once per step, and
     with guidance the work runs on the prompt rows only, copied to the stream rows at the end.
 
-    What generate() uses; it gives the same scores as the three processors applied one after the other.
+    What generate() uses; it gives the same scores as the three processors applied one after the other. With
+    states_from_prompt ("text" and "image" modes, driven by generate()) the states come from a `StateSchedule`,
+    and a step where every row draws an image id touches only the image columns.
     """
 
     def __init__(
@@ -398,20 +449,42 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
         grammar: ModalityConstrainedLogitsProcessor,
         sampling: ModalitySamplingLogitsProcessor,
         guidance: ImageGuidanceLogitsProcessor | None = None,
+        states_from_prompt: bool = False,
     ):
         groups = {p.num_stream_groups for p in (grammar, sampling, guidance) if p is not None}
         if len(groups) != 1 or (guidance is None and groups != {1}):
             raise ValueError(f"stream groups need guidance and one num_stream_groups, got {sorted(groups)}")
         self.grammar, self.sampling, self.guidance = grammar, sampling, guidance
         self.num_stream_groups = groups.pop()
+        self.schedule = StateSchedule(grammar) if states_from_prompt else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = self.grammar.row_states(_lead_rows(input_ids, self.num_stream_groups))
-        image_rows = states == IMAGE_CODE
-        if self.guidance is not None:
-            scores = self.guidance.apply(scores, image_rows)
-        scores = self.sampling.apply(self.grammar.apply(scores, states), image_rows)
+        lead_rows = _lead_rows(input_ids, self.num_stream_groups)
+        if self.schedule is None:
+            states, shared = self.grammar.row_states(lead_rows), None
+        else:
+            states, shared = self.schedule.at(lead_rows)
+        if shared == IMAGE_CODE:
+            scores = self._draw_image_ids(scores)
+        else:
+            image_rows = states == IMAGE_CODE
+            if self.guidance is not None:
+                scores = self.guidance.apply(scores, image_rows)
+            scores = self.sampling.apply(self.grammar.apply(scores, states), image_rows)
         return scores.repeat(self.num_stream_groups, 1) if self.num_stream_groups > 1 else scores
+
+    def _draw_image_ids(self, scores: torch.Tensor) -> torch.Tensor:
+        """Every row draws an image id: (guided) image scores, one draw per prompt row, -inf except at the draw."""
+        columns = image_columns(scores, self.sampling.vocabulary)
+        streams = scores.chunk(self.num_stream_groups)
+        image_scores = streams[0][:, columns]
+        if self.guidance is not None:
+            image_scores = self.guidance.guide(*(stream[:, columns] for stream in streams))
+        codes = draw_tokens(image_scores, self.sampling.image)
+        chosen = codes + columns.start if isinstance(columns, slice) else columns[codes]
+        return torch.full_like(streams[0], float("-inf")).scatter_(
+            1, chosen[:, None], image_scores.gather(1, codes[:, None])
+        )
 
 
 @dataclass
@@ -690,7 +763,8 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         sampling = ModalitySamplingLogitsProcessor(
             vocabulary, plan.image_sampling, plan.text_sampling, num_stream_groups=groups
         )
-        return [EarlyFusionLogitsProcessor(grammar, sampling, guidance)]
+        states_from_prompt = plan.generation_mode in ("text", "image")
+        return [EarlyFusionLogitsProcessor(grammar, sampling, guidance, states_from_prompt)]
 
     @staticmethod
     def _loop_config(generation_config, plan: GenerationPlan):
@@ -787,6 +861,7 @@ __all__ = [
     "ModalityConstrainedLogitsProcessor",
     "ModalitySamplingLogitsProcessor",
     "SamplingSettings",
+    "StateSchedule",
     "GuidanceStreams",
     "build_guidance_streams",
     "generation_config_with",

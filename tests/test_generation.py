@@ -250,6 +250,35 @@ def test_grammar_holds_for_guided_stream_groups_and_groups_stay_in_step():
     assert sum(drawn) >= 1_000
 
 
+@given(scenarios().filter(lambda case: case["mode"] != "interleaved"))
+@settings(max_examples=60, **FAST)
+def test_states_read_from_the_prompt_match_states_derived_at_every_step(case):
+    rows = [row for row in case["rows"] for _ in range(case["num_beams"])]
+    ids, _ = left_pad(rows)
+    prompt_length, vocabulary = ids.shape[1], case["vocabulary"]
+
+    def processor(states_from_prompt):
+        grammar = ModalityConstrainedLogitsProcessor(vocabulary, case["mode"], prompt_length=prompt_length)
+        sampling = ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0, 8, 0.9), case["text"])
+        return EarlyFusionLogitsProcessor(grammar, sampling, states_from_prompt=states_from_prompt)
+
+    outputs = []
+    for states_from_prompt in (False, True):
+        torch.manual_seed(case["seed"])
+        outputs.append(drive(processor(states_from_prompt), ids, case["steps"], case["selection"], case["bias"],
+                             case["num_beams"])[0])
+    for row, prompt in zip(outputs[1].tolist(), rows):
+        assert not grammar_violations(prompt, row[prompt_length:], case["mode"], prompt_length)
+    if case["text"] is None:  # sampled text draws differently (an all-image step skips the text draw)
+        assert torch.equal(outputs[0], outputs[1])
+
+
+def test_state_schedule_is_refused_for_interleaved_generation():
+    grammar = ModalityConstrainedLogitsProcessor(VOCABULARY, "interleaved")
+    with pytest.raises(ValueError, match="interleaved"):
+        EarlyFusionLogitsProcessor(grammar, ModalitySamplingLogitsProcessor(VOCABULARY), states_from_prompt=True)
+
+
 @given(st.lists(prompts(), min_size=1, max_size=3), st.sampled_from(MODES), st.sampled_from([1, 2, 3]),
        st.booleans(), st.integers(0, 2**16))
 @settings(max_examples=40, **FAST)
