@@ -30,6 +30,7 @@ from chameleon_fusion.generation import (
     ModalitySamplingLogitsProcessor,
     SamplingSettings,
 )
+from chameleon_fusion.vocabulary import Vocabulary
 
 
 def parse_args():
@@ -50,19 +51,24 @@ def parse_args():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-static", action="store_true", help="leave out the static-cache runs")
+    parser.add_argument("--processors-only", action="store_true",
+                        help="time the processor alone (no model: any vocabulary shape fits in memory)")
     return parser.parse_args()
 
 
-def build_model(args) -> ChameleonFusionForConditionalGeneration:
-    """A random-weight model with the requested shape, built directly on the device in the requested dtype."""
-    config = ChameleonFusionConfig(
+def build_config(args) -> ChameleonFusionConfig:
+    return ChameleonFusionConfig(
         **decoder_sizes(args),
         max_position_embeddings=max(4096, args.prompt_length + args.image_seq_length + 8),
         **contiguous_layout(args.text_vocab, args.codebook, args.image_seq_length),
     )
+
+
+def build_model(args) -> ChameleonFusionForConditionalGeneration:
+    """A random-weight model with the requested shape, built directly on the device in the requested dtype."""
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = ChameleonFusionForConditionalGeneration(config)
+        model = ChameleonFusionForConditionalGeneration(build_config(args))
     return model.to(getattr(torch, args.dtype)).eval()
 
 
@@ -109,9 +115,35 @@ def generation_times(model, prompt, args) -> dict:
     return results
 
 
-def processor_seconds_per_step(model, args, guided: bool) -> float:
+def processor_seconds_per_step(vocabulary, args, guided: bool, states_from_prompt: bool = True) -> float:
     """Time of the processor generate() runs (guidance + grammar + sampling) for one step inside an image."""
-    vocabulary, groups = model.vocabulary, 2 if guided else 1
+    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt)
+    calls, best = 50, float("inf")
+    for _ in range(10):  # the best of 10 rounds: the processor's own cost, not the neighbours' load
+        best = min(best, median_seconds(lambda: [processors(ids, scores) for _ in range(calls)], args.device, 1))
+    return best / calls
+
+
+VIEW_OPS = {"aten::slice", "aten::select", "aten::squeeze", "aten::unsqueeze", "aten::chunk", "aten::split",
+            "aten::view", "aten::expand", "aten::as_strided", "aten::alias", "aten::t", "aten::transpose"}
+
+
+def processor_ops_per_step(vocabulary, args, guided: bool, states_from_prompt: bool) -> int:
+    """How many tensor operations that compute something (views left out) one processor call runs."""
+    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt)
+    processors(ids, scores)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        processors(ids, scores)
+    return sum(
+        1 for event in profile.events()
+        if event.name.startswith("aten::") and event.name not in VIEW_OPS
+        and not (event.cpu_parent and event.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def processor_inputs(vocabulary, args, guided: bool, states_from_prompt: bool):
+    """The processor generate() runs, ids halfway through an image, and random scores."""
+    groups = 2 if guided else 1
     rows, length = args.batch * groups, args.prompt_length + args.image_seq_length // 2
     ids = torch.randint(0, args.text_vocab, (rows, length), device=args.device)
     ids[:, args.prompt_length] = vocabulary.boi_token_id
@@ -123,13 +155,23 @@ def processor_seconds_per_step(model, args, guided: bool) -> float:
                                            prompt_length=args.prompt_length, num_stream_groups=groups),
         ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0), num_stream_groups=groups),
         ImageGuidanceLogitsProcessor(vocabulary, args.guidance_scale) if guided else None,
-        states_from_prompt=True,
+        states_from_prompt=states_from_prompt,
     )
-    scores = torch.randn(rows, vocabulary.vocab_size, device=args.device)
-    calls, best = 50, float("inf")
-    for _ in range(10):  # the best of 10 rounds: the processor's own cost, not the neighbours' load
-        best = min(best, median_seconds(lambda: [processors(ids, scores) for _ in range(calls)], args.device, 1))
-    return best / calls
+    return processors, ids, torch.randn(rows, vocabulary.vocab_size, device=args.device)
+
+
+def compare_processors(args) -> None:
+    """The processor alone at the requested shapes: row states derived at every step vs read off the prompt."""
+    vocabulary = Vocabulary.from_config(build_config(args))
+    print(f"# bench_generate --processors-only  {datetime.date.today()}  {machine(args)}")
+    print(f"vocab {vocabulary.vocab_size}; codebook {args.codebook}; image = {args.image_seq_length} tokens; "
+          f"batch {args.batch}; a step halfway through an image")
+    print("| processor | row states | us per step | tensor ops per step |\n|---|---|---|---|")
+    for guided, name in ((False, "image"), (True, "image + CFG")):
+        for states_from_prompt, states in ((False, "derived every step"), (True, "read off the prompt")):
+            seconds = processor_seconds_per_step(vocabulary, args, guided, states_from_prompt)
+            ops = processor_ops_per_step(vocabulary, args, guided, states_from_prompt)
+            print(f"| {name} | {states} | {1e6 * seconds:.0f} | {ops} |")
 
 
 def machine(args) -> str:
@@ -144,6 +186,8 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.processors_only:
+        return compare_processors(args)
     model = build_model(args)
     prompt = torch.randint(0, args.text_vocab, (args.batch, args.prompt_length), device=args.device)
     prompt[:, 0] = model.config.bos_token_id
@@ -167,7 +211,7 @@ def main():
         print(f"static / dynamic cache, image: {times['image, static'] / times['image, dynamic']:.2f}x; "
               f"with CFG: {times['image + CFG, static'] / times['image + CFG, dynamic']:.2f}x")
     for guided, name in ((False, "image"), (True, "image + CFG")):
-        per_call = processor_seconds_per_step(model, args, guided)
+        per_call = processor_seconds_per_step(model.vocabulary, args, guided)
         step = min(times[key] for key in times if key.startswith(f"{name},")) / steps
         print(f"processors, {name}: {1e6 * per_call:.0f} us per step = {100 * per_call / step:.1f}% of a step "
               f"({1000 * step:.2f} ms, fastest cache) (target <= 3%)")

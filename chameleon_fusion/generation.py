@@ -480,11 +480,13 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
         image_scores = streams[0][:, columns]
         if self.guidance is not None:
             image_scores = self.guidance.guide(*(stream[:, columns] for stream in streams))
-        codes = draw_tokens(image_scores, self.sampling.image)
-        chosen = codes + columns.start if isinstance(columns, slice) else columns[codes]
-        return torch.full_like(streams[0], float("-inf")).scatter_(
-            1, chosen[:, None], image_scores.gather(1, codes[:, None])
-        )
+        codes = draw_tokens(image_scores, self.sampling.image)[:, None]
+        only_drawn, drawn_scores = torch.full_like(streams[0], float("-inf")), image_scores.gather(1, codes)
+        if isinstance(columns, slice):
+            only_drawn[:, columns].scatter_(1, codes, drawn_scores)  # a view: writes into only_drawn
+        else:
+            only_drawn.scatter_(1, columns[codes], drawn_scores)
+        return only_drawn
 
 
 @dataclass
