@@ -36,7 +36,7 @@ VARIANTS = {"QK-Norm (layernorm)": "layernorm", "no QK-Norm": None}
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lr", type=float, default=1e-2, help="aggressive on purpose (the recipe uses 1.5e-3)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="aggressive on purpose (the recipe uses 2e-3)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--documents", type=int, default=3200)

@@ -117,5 +117,10 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path):
     assert cli_main(["recipe", "fashion", "--quick", "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
     assert set(TARGETS) <= set(metrics) and metrics["recipe_seconds"]["total"] > 0
+    assert metrics["recipe_reused_stages"] == []
     model, processor, judge, _ = load_bundle(tmp_path / "run" / "model")
     processor.check_model(model)
+    assert cli_main(["recipe", "fashion", "--quick", "--out", str(tmp_path / "run")]) == 0  # again: only evaluates
+    metrics = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
+    assert metrics["recipe_reused_stages"] == ["documents", "tokenizer", "vq", "processor", "decoder", "judge"]
+    assert set(metrics["recipe_seconds"]) == {"evaluate", "total"}

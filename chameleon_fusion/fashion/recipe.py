@@ -17,9 +17,12 @@ from .documents import training_texts, write_documents
 DECODER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256"]
-FULL = dict(documents=40000, vq_steps=1200, lm_steps=1200, batch_size=32, lr=1.5e-3, judge_epochs=2, per_class=50)
+FULL = dict(documents=40000, vq_steps=1200, lm_steps=2200, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
 QUICK = dict(documents=300, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1, per_class=2,
              limit_images=2000, eval_limit=100)
+
+
+REUSED = "reused"  # what a recipe stage returns when it has nothing to do (its result is already there)
 
 
 def add_arguments(parser):
@@ -40,13 +43,17 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     _check_data()
     started = time.time()
-    timings = {}
+    timings, reused = {}, []
     for step in (documents_step, tokenizer_step, vq_step, processor_step, decoder_step, judge_step, evaluate_step):
-        begun = time.time()
-        step(out, sizes, args)
-        timings[step.__name__.removesuffix("_step")] = round(time.time() - begun, 1)
+        begun, name = time.time(), step.__name__.removesuffix("_step")
+        if step(out, sizes, args) is REUSED:
+            reused.append(name)
+            print(f"{name}: reused (already in {out}, or given), not timed")
+        else:
+            timings[name] = round(time.time() - begun, 1)
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     metrics["recipe_seconds"] = {**timings, "total": round(time.time() - started, 1)}
+    metrics["recipe_reused_stages"] = reused  # taken from an earlier run in the same folder: not timed here
     (out / "model" / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if args.bundle:
         bundle(out / "model", Path(args.bundle))
@@ -63,20 +70,21 @@ def _check_data():
 
 def documents_step(out, sizes, args):
     if (out / "data" / "documents.jsonl").exists():
-        return
+        return REUSED
     write_documents(out / "data", "train", count=sizes["documents"], limit_images=sizes.get("limit_images"))
     (out / "data" / "texts.txt").write_text("\n".join(training_texts() * 20) + "\n")
 
 
 def tokenizer_step(out, sizes, args):
-    if not (out / "tokenizer" / "tokenizer.json").exists():
-        cli_main(["train-tokenizer", "--files", str(out / "data" / "texts.txt"), "--vocab-size", "320",
-                  "--min-frequency", "1", "--out", str(out / "tokenizer")])
+    if (out / "tokenizer" / "tokenizer.json").exists():
+        return REUSED
+    cli_main(["train-tokenizer", "--files", str(out / "data" / "texts.txt"), "--vocab-size", "320",
+              "--min-frequency", "1", "--out", str(out / "tokenizer")])
 
 
 def vq_step(out, sizes, args):
     if args.vq or (out / "vq" / "config.json").exists():
-        return
+        return REUSED
     flags = ["train-vq", "--fashion-mnist", "--output-dir", str(out / "vq"), "--steps", str(sizes["vq_steps"])]
     if "limit_images" in sizes:
         flags += ["--eval-images", "200"]
@@ -85,7 +93,7 @@ def vq_step(out, sizes, args):
 
 def processor_step(out, sizes, args):
     if (out / "processor" / "processor_config.json").exists():
-        return
+        return REUSED
     from transformers import AutoTokenizer
 
     from ..image_processing_chameleon_fusion import ChameleonFusionImageProcessor
@@ -102,7 +110,7 @@ def processor_step(out, sizes, args):
 
 def decoder_step(out, sizes, args):
     if (out / "model" / "model.safetensors").exists():
-        return
+        return REUSED
     (out / "decoder_config.json").write_text(json.dumps(DECODER, indent=2))
     steps = sizes["lm_steps"]
     config = {
@@ -122,7 +130,7 @@ def judge_step(out, sizes, args):
     from .judge import JUDGE_FILE, train_judge
 
     if (out / "model" / JUDGE_FILE).exists():
-        return
+        return REUSED
     judge, accuracy = train_judge(epochs=sizes["judge_epochs"], limit=sizes.get("limit_images"))
     judge.save(out / "model")
     print(f"judge accuracy on the real test images: {accuracy:.1%}")
