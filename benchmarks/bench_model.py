@@ -72,38 +72,52 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def train_tokens_per_second(model, args) -> float:
+def train_step_timer(model, args):
+    """A function that runs one training step (AdamW) and returns its seconds."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.text_vocab, (args.batch, args.seq), device=args.device)
-    times = []
-    for step in range(args.train_steps + 2):
+
+    def step() -> float:
         _sync(args.device)
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(args.device)
-        if step >= 2:  # the first two steps warm up allocator and kernels
-            times.append(time.perf_counter() - start)
-    return args.batch * args.seq / statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
 
 
-@torch.inference_mode()
-def decode_tokens_per_second(model, args, **generate_kwargs) -> float:
-    model.eval()
+def decode_timer(model, args, **generate_kwargs):
+    """A function that greedily decodes args.new_tokens tokens at batch 1 and returns its seconds."""
     prompt = torch.randint(0, args.text_vocab, (1, 16), device=args.device)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                     pad_token_id=model.config.pad_token_id, **generate_kwargs)
-    model.generate(prompt, **{**settings, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
-    times = []
-    for _ in range(args.decode_runs):
+
+    @torch.inference_mode()
+    def run() -> float:
+        model.eval()
         _sync(args.device)
         start = time.perf_counter()
         model.generate(prompt, **settings)
         _sync(args.device)
-        times.append(time.perf_counter() - start)
-    return args.new_tokens / statistics.median(times)
+        return time.perf_counter() - start
+
+    return run
+
+
+def interleaved_medians(timers: dict, rounds: int, warmup: int) -> dict:
+    """Median seconds of each timer, called in turn round after round, so that a machine whose speed drifts
+    (a shared VM) slows both sides alike; the first `warmup` rounds are not counted."""
+    times = {name: [] for name in timers}
+    for round_ in range(warmup + rounds):
+        for name, timer in timers.items():
+            seconds = timer()
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main():
@@ -114,19 +128,20 @@ def main():
     print(f"machine: {machine}; torch {torch.__version__}; dtype {args.dtype}; {params:.1f}M parameters")
     print(f"config: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads} kv, "
           f"intermediate {args.intermediate}, vocab {models['ours'].config.vocab_size}")
-    results = {}
-    for name, model in models.items():
-        results[name, "train"] = train_tokens_per_second(model, args)
-        results[name, "decode"] = decode_tokens_per_second(model, args)
-        print(f"{name:>13}: train step {results[name, 'train']:9.1f} tokens/s (batch {args.batch} x {args.seq}, "
-              f"AdamW) | decode {results[name, 'decode']:7.1f} tokens/s (batch 1, {args.new_tokens} new)")
-    print(f"ratio ours/transformers: train step {results['ours', 'train'] / results['transformers', 'train']:.2f}x, "
-          f"decode {results['ours', 'decode'] / results['transformers', 'decode']:.2f}x")
+    train = interleaved_medians({name: train_step_timer(m, args) for name, m in models.items()}, args.train_steps, 2)
+    decode = interleaved_medians({name: decode_timer(m, args) for name, m in models.items()}, args.decode_runs, 1)
+    for name in models:
+        print(f"{name:>13}: train step {args.batch * args.seq / train[name]:9.1f} tokens/s (batch {args.batch} x "
+              f"{args.seq}, AdamW) | decode {args.new_tokens / decode[name]:7.1f} tokens/s (batch 1, "
+              f"{args.new_tokens} new)")
+    print(f"ratio ours/transformers: train step {train['transformers'] / train['ours']:.2f}x, "
+          f"decode {decode['transformers'] / decode['ours']:.2f}x (steps and runs interleaved, medians)")
     if args.compile:
-        for name, model in models.items():
+        for model in models.values():
             model.forward = torch.compile(model.forward, fullgraph=True)
-            tps = decode_tokens_per_second(model, args, cache_implementation="static")
-            print(f"{name:>13}: static cache + torch.compile decode {tps:7.1f} tokens/s")
+        compiled = {name: decode_timer(m, args, cache_implementation="static") for name, m in models.items()}
+        for name, seconds in interleaved_medians(compiled, args.decode_runs, 1).items():
+            print(f"{name:>13}: static cache + torch.compile decode {args.new_tokens / seconds:7.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -363,9 +363,11 @@ def early_fusion_loss(logits, labels, vocabulary, z_loss_coefficient=0.0, num_it
     labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
     logits = logits.float()
     valid = labels != -100
-    log_z = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_loss = (log_z - picked) * valid
+    token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    # log Z = cross-entropy + the label's logit: no second pass over the vocabulary (nor its gradient when unused)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and z_loss_coefficient != 0):
+        picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        log_z = (token_loss if z_loss_coefficient != 0 else token_loss.detach()) + picked
     denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
     denominator = torch.as_tensor(denominator, device=logits.device).clamp(min=1)
     z_loss = (log_z.square() * valid).sum() / denominator

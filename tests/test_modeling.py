@@ -13,7 +13,7 @@ from tiny import CODEBOOK, EOS, IMAGE_OFFSET, PAD, random_ids, tiny_config, tiny
 from transformers import AutoModelForCausalLM, StaticCache
 
 from chameleon_fusion import ChameleonFusionForConditionalGeneration
-from chameleon_fusion.modeling_chameleon_fusion import ChameleonFusionHeadNorm
+from chameleon_fusion.modeling_chameleon_fusion import ChameleonFusionHeadNorm, early_fusion_loss
 
 VOCAB = IMAGE_OFFSET + CODEBOOK
 
@@ -229,6 +229,23 @@ def test_losses_match_a_hand_computation():
     assert out.image_loss.item() == pytest.approx(sum(image_terms) / len(image_terms), rel=1e-5)
     assert out.z_loss.item() == pytest.approx(z_loss, rel=1e-5)
     assert out.loss.item() == pytest.approx(sum(every) / len(every) + 0.01 * z_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("coefficient", [0.0, 0.01])
+def test_loss_gradient_equals_cross_entropy_plus_z_loss_written_out(coefficient):
+    vocabulary = tiny_model().vocabulary
+    logits = (torch.randn(2, 6, vocabulary.vocab_size, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.randint(0, vocabulary.vocab_size, (2, 6))
+    labels[0, :2] = -100
+    early_fusion_loss(logits, labels, vocabulary, z_loss_coefficient=coefficient)["loss"].backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    targets = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    valid = targets != -100
+    log_z = torch.logsumexp(logits, dim=-1)[valid]
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[valid]
+    ((log_z - picked).mean() + coefficient * log_z.square().mean()).backward()
+    torch.testing.assert_close(ours, logits.grad)
 
 
 def test_image_loss_is_none_when_no_label_is_an_image_code():
