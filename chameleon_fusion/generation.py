@@ -441,7 +441,8 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
 
     What generate() uses; it gives the same scores as the three processors applied one after the other. With
     states_from_prompt ("text" and "image" modes, driven by generate()) the states come from a `StateSchedule`,
-    and a step where every row draws an image id touches only the image columns.
+    and a step where every row draws an image id touches only the image columns (and skips the text draw, so
+    sampled text then draws other random numbers: the same distribution, not the same tokens for a seed).
     """
 
     def __init__(
