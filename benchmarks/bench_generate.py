@@ -115,9 +115,9 @@ def generation_times(model, prompt, args) -> dict:
     return results
 
 
-def processor_seconds_per_step(vocabulary, args, guided: bool, states_from_prompt: bool = True) -> float:
+def processor_seconds_per_step(vocabulary, args, guided: bool, states_from_prompt: bool = True, mode="image") -> float:
     """Time of the processor generate() runs (guidance + grammar + sampling) for one step inside an image."""
-    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt)
+    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt, mode)
     calls, best = 50, float("inf")
     for _ in range(10):  # the best of 10 rounds: the processor's own cost, not the neighbours' load
         best = min(best, median_seconds(lambda: [processors(ids, scores) for _ in range(calls)], args.device, 1))
@@ -128,9 +128,9 @@ VIEW_OPS = {"aten::slice", "aten::select", "aten::squeeze", "aten::unsqueeze", "
             "aten::view", "aten::expand", "aten::as_strided", "aten::alias", "aten::t", "aten::transpose"}
 
 
-def processor_ops_per_step(vocabulary, args, guided: bool, states_from_prompt: bool) -> int:
+def processor_ops_per_step(vocabulary, args, guided: bool, states_from_prompt: bool, mode="image") -> int:
     """How many tensor operations that compute something (views left out) one processor call runs."""
-    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt)
+    processors, ids, scores = processor_inputs(vocabulary, args, guided, states_from_prompt, mode)
     processors(ids, scores)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         processors(ids, scores)
@@ -141,17 +141,18 @@ def processor_ops_per_step(vocabulary, args, guided: bool, states_from_prompt: b
     )
 
 
-def processor_inputs(vocabulary, args, guided: bool, states_from_prompt: bool):
-    """The processor generate() runs, ids halfway through an image, and random scores."""
+def processor_inputs(vocabulary, args, guided: bool, states_from_prompt: bool, mode: str = "image"):
+    """The processor generate() runs, ids halfway through an image (or through text), and random scores."""
     groups = 2 if guided else 1
     rows, length = args.batch * groups, args.prompt_length + args.image_seq_length // 2
     ids = torch.randint(0, args.text_vocab, (rows, length), device=args.device)
-    ids[:, args.prompt_length] = vocabulary.boi_token_id
-    ids[:, args.prompt_length + 1 :] = vocabulary.code_to_id.to(args.device)[
-        torch.randint(0, args.codebook, (rows, length - args.prompt_length - 1), device=args.device)
-    ]
+    if mode == "image":
+        ids[:, args.prompt_length] = vocabulary.boi_token_id
+        ids[:, args.prompt_length + 1 :] = vocabulary.code_to_id.to(args.device)[
+            torch.randint(0, args.codebook, (rows, length - args.prompt_length - 1), device=args.device)
+        ]
     processors = EarlyFusionLogitsProcessor(  # what generate() runs
-        ModalityConstrainedLogitsProcessor(vocabulary, "image", max_length=length + args.image_seq_length,
+        ModalityConstrainedLogitsProcessor(vocabulary, mode, max_length=length + args.image_seq_length,
                                            prompt_length=args.prompt_length, num_stream_groups=groups),
         ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0), num_stream_groups=groups),
         ImageGuidanceLogitsProcessor(vocabulary, args.guidance_scale) if guided else None,
@@ -165,12 +166,12 @@ def compare_processors(args) -> None:
     vocabulary = Vocabulary.from_config(build_config(args))
     print(f"# bench_generate --processors-only  {datetime.date.today()}  {machine(args)}")
     print(f"vocab {vocabulary.vocab_size}; codebook {args.codebook}; image = {args.image_seq_length} tokens; "
-          f"batch {args.batch}; a step halfway through an image")
+          f"batch {args.batch}; a step halfway through an image (text: through text, greedy)")
     print("| processor | row states | us per step | tensor ops per step |\n|---|---|---|---|")
-    for guided, name in ((False, "image"), (True, "image + CFG")):
+    for mode, guided, name in (("text", False, "text"), ("image", False, "image"), ("image", True, "image + CFG")):
         for states_from_prompt, states in ((False, "derived every step"), (True, "read off the prompt")):
-            seconds = processor_seconds_per_step(vocabulary, args, guided, states_from_prompt)
-            ops = processor_ops_per_step(vocabulary, args, guided, states_from_prompt)
+            seconds = processor_seconds_per_step(vocabulary, args, guided, states_from_prompt, mode)
+            ops = processor_ops_per_step(vocabulary, args, guided, states_from_prompt, mode)
             print(f"| {name} | {states} | {1e6 * seconds:.0f} | {ops} |")
 
 

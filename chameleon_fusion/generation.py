@@ -189,6 +189,12 @@ class ModalityConstrainedLogitsProcessor(LogitsProcessor):
         scores = scores.masked_fill(banned[states], float("-inf"))
         return scores.masked_fill(forced[states], 0.0)
 
+    def apply_shared(self, scores: torch.Tensor, state: int) -> torch.Tensor:
+        """apply() for rows that all share one state: one table row broadcast over them, no per-row lookup."""
+        banned, forced = self._table(scores)
+        scores = scores.masked_fill(banned[state], float("-inf"))
+        return scores.masked_fill(forced[state], 0.0) if state in FORCED_STATES else scores
+
     def row_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The state of every row (TEXT, TEXT_OR_IMAGE, IMAGE_CODE, END_IMAGE, BEGIN_IMAGE, END_OF_SEQUENCE)."""
         if self.prompt_length is None:
@@ -275,6 +281,11 @@ def sample_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, threshold, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
 
 
+def keep_only(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-inf everywhere except at one id per row, which keeps its score."""
+    return torch.full_like(scores, float("-inf")).scatter_(1, ids[:, None], scores.gather(1, ids[:, None]))
+
+
 def draw_tokens(scores: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """One index per row: argmax at temperature 0, else a sample after temperature, top-k and top-p."""
     if settings.temperature == 0:
@@ -323,9 +334,7 @@ class ModalitySamplingLogitsProcessor(LogitsProcessor):
             chosen = torch.where(image_rows, chosen, draw_tokens(lead_scores, self.text))
         if groups > 1:
             chosen, image_rows = chosen.repeat(groups), image_rows.repeat(groups)
-        only_chosen = torch.full_like(scores, float("-inf")).scatter_(
-            1, chosen[:, None], scores.gather(1, chosen[:, None])
-        )
+        only_chosen = keep_only(scores, chosen)
         if self.text is not None:
             return only_chosen
         return torch.where(image_rows[:, None], only_chosen, scores)
@@ -441,8 +450,8 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
 
     What generate() uses; it gives the same scores as the three processors applied one after the other. With
     states_from_prompt ("text" and "image" modes, driven by generate()) the states come from a `StateSchedule`,
-    and a step where every row draws an image id touches only the image columns (and skips the text draw, so
-    sampled text then draws other random numbers: the same distribution, not the same tokens for a seed).
+    a step where every row draws an image id touches only the image columns, and a step where none does skips the
+    image draw (so sampled tokens use other random numbers: the same distributions, not the same tokens for a seed).
     """
 
     def __init__(
@@ -467,6 +476,10 @@ class EarlyFusionLogitsProcessor(LogitsProcessor):
             states, shared = self.schedule.at(lead_rows)
         if shared == IMAGE_CODE:
             scores = self._draw_image_ids(scores)
+        elif shared is not None:  # no row draws an image id: the prompt stream's scores, masked, maybe a text draw
+            scores = self.grammar.apply_shared(scores[: states.shape[0]], shared)
+            if self.sampling.text is not None:
+                scores = keep_only(scores, draw_tokens(scores, self.sampling.text))
         else:
             image_rows = states == IMAGE_CODE
             if self.guidance is not None:

@@ -250,27 +250,60 @@ def test_grammar_holds_for_guided_stream_groups_and_groups_stay_in_step():
     assert sum(drawn) >= 1_000
 
 
+class CheckedSchedule(LogitsProcessor):
+    """Runs an EarlyFusionLogitsProcessor with states_from_prompt, checking its schedule against derived states."""
+
+    def __init__(self, processor):
+        self.processor, self.steps = processor, 0
+
+    def __call__(self, input_ids, scores):
+        states, shared = self.processor.schedule.at(input_ids)
+        derived = self.processor.grammar.row_states(input_ids)
+        assert torch.equal(states, derived), f"step {self.steps}: schedule {states.tolist()} != {derived.tolist()}"
+        assert shared == (int(derived[0]) if bool((derived == derived[0]).all()) else None)
+        self.steps += 1
+        return self.processor(input_ids, scores)
+
+
 @given(scenarios().filter(lambda case: case["mode"] != "interleaved"))
 @settings(max_examples=60, **FAST)
 def test_states_read_from_the_prompt_match_states_derived_at_every_step(case):
+    torch.manual_seed(case["seed"])
     rows = [row for row in case["rows"] for _ in range(case["num_beams"])]
     ids, _ = left_pad(rows)
     prompt_length, vocabulary = ids.shape[1], case["vocabulary"]
+    grammar = ModalityConstrainedLogitsProcessor(vocabulary, case["mode"], prompt_length=prompt_length)
+    sampling = ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0, 8, 0.9), case["text"])
+    checked = CheckedSchedule(EarlyFusionLogitsProcessor(grammar, sampling, states_from_prompt=True))
+    out, _ = drive(checked, ids, case["steps"], case["selection"], case["bias"], case["num_beams"])
+    assert checked.steps == case["steps"]
+    for row, prompt in zip(out.tolist(), rows):
+        assert not grammar_violations(prompt, row[prompt_length:], case["mode"], prompt_length)
+
+
+@pytest.mark.parametrize("vocabulary", [VOCABULARY, SCATTERED], ids=["contiguous", "scattered"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("mode,rows,sampled_text", [
+    ("image", [[BOS, 5, BOI, *IMAGE_IDS[:1]], [BOS, BOI, *IMAGE_IDS[1:3]]], True),  # every row draws an image id
+    ("text", [[BOS, 5, 6], [BOS, 7]], False),  # no row does
+    ("image", [[BOS, 5], [BOS, 6]], True),  # every row is forced to <boi>
+])
+def test_a_step_shared_by_every_row_gives_the_scores_of_the_general_step(vocabulary, groups, mode, rows, sampled_text):
+    ids, _ = left_pad(rows * groups)
+    scores = torch.randn(ids.shape[0], VOCAB)
 
     def processor(states_from_prompt):
-        grammar = ModalityConstrainedLogitsProcessor(vocabulary, case["mode"], prompt_length=prompt_length)
-        sampling = ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(1.0, 8, 0.9), case["text"])
-        return EarlyFusionLogitsProcessor(grammar, sampling, states_from_prompt=states_from_prompt)
+        guidance = ImageGuidanceLogitsProcessor(vocabulary, 2.0, 1.5 if groups == 3 else None) if groups > 1 else None
+        grammar = ModalityConstrainedLogitsProcessor(vocabulary, mode, prompt_length=2, num_stream_groups=groups)
+        sampling = ModalitySamplingLogitsProcessor(vocabulary, SamplingSettings(0.9, 5),
+                                                   SamplingSettings(1.2) if sampled_text else None, groups)
+        return EarlyFusionLogitsProcessor(grammar, sampling, guidance, states_from_prompt)
 
     outputs = []
     for states_from_prompt in (False, True):
-        torch.manual_seed(case["seed"])
-        outputs.append(drive(processor(states_from_prompt), ids, case["steps"], case["selection"], case["bias"],
-                             case["num_beams"])[0])
-    for row, prompt in zip(outputs[1].tolist(), rows):
-        assert not grammar_violations(prompt, row[prompt_length:], case["mode"], prompt_length)
-    if case["text"] is None:  # sampled text draws differently (an all-image step skips the text draw)
-        assert torch.equal(outputs[0], outputs[1])
+        torch.manual_seed(0)  # an image draw comes first in both; the text draw is skipped where every row is forced
+        outputs.append(processor(states_from_prompt)(ids, scores.clone()))
+    torch.testing.assert_close(outputs[1], outputs[0])
 
 
 def test_state_schedule_is_refused_for_interleaved_generation():
