@@ -409,16 +409,15 @@ class StateSchedule:
         if grammar.generation_mode not in ("text", "image"):
             raise ValueError(f"states follow from the prompt in 'text' and 'image' modes, not {grammar.generation_mode!r}")
         self.grammar = grammar
-        self.columns: list[list[int]] | None = None  # per step: the state of every row
         self.table: torch.Tensor | None = None  # (steps, rows) on the ids' device
+        self.shared: list[int | None] = []  # per step: the state every row is in, or None when they differ
 
     def at(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """The states of the rows at this step, and the state they all share (None when they differ)."""
         if self.table is None:
             self._read_prompt(input_ids)
-        step = min(input_ids.shape[1] - self.grammar.prompt_length, len(self.columns) - 1)
-        column = self.columns[step]
-        return self.table[step], column[0] if len(set(column)) == 1 else None
+        step = min(input_ids.shape[1] - self.grammar.prompt_length, len(self.shared) - 1)
+        return self.table[step], self.shared[step]
 
     def _read_prompt(self, input_ids: torch.Tensor) -> None:
         grammar, vocabulary = self.grammar, self.grammar.vocabulary
@@ -431,8 +430,9 @@ class StateSchedule:
         rows = [self._row_states(*row) for row in zip(inside.tolist(), drawn.tolist())]  # the one host sync
         steps = max(len(row) for row in rows)
         rows = [row + row[-1:] * (steps - len(row)) for row in rows]
-        self.columns = [list(column) for column in zip(*rows)]
-        self.table = torch.tensor(self.columns, device=input_ids.device)
+        columns = list(zip(*rows))
+        self.shared = [column[0] if len(set(column)) == 1 else None for column in columns]
+        self.table = torch.tensor(columns, device=input_ids.device)
 
     def _row_states(self, inside: bool, drawn: int) -> list[int]:
         codes = self.grammar.vocabulary.image_seq_length

@@ -366,8 +366,7 @@ def early_fusion_loss(logits, labels, vocabulary, z_loss_coefficient=0.0, num_it
     token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     # log Z = cross-entropy + the label's logit: no second pass over the vocabulary (nor its gradient when unused)
     with torch.set_grad_enabled(torch.is_grad_enabled() and z_loss_coefficient != 0):
-        picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        log_z = (token_loss if z_loss_coefficient != 0 else token_loss.detach()) + picked
+        log_z = token_loss + logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
     denominator = torch.as_tensor(denominator, device=logits.device).clamp(min=1)
     z_loss = (log_z.square() * valid).sum() / denominator
