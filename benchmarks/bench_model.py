@@ -37,6 +37,8 @@ def parse_args():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="also time static cache + torch.compile decode")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one train step and one decode run spend their time (top ops)")
     return parser.parse_args()
 
 
@@ -108,6 +110,15 @@ def decode_timer(model, args, **generate_kwargs):
     return run
 
 
+def top_ops(timer, count: int = 5) -> str:
+    """The ops one call of timer spends most self time in, as shares of the total."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        timer()
+    averages = sorted(profile.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in averages)
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.1f}%" for e in averages[:count])
+
+
 def interleaved_medians(timers: dict, rounds: int, warmup: int) -> dict:
     """Median seconds of each timer, called in turn round after round, so that a machine whose speed drifts
     (a shared VM) slows both sides alike; the first `warmup` rounds are not counted."""
@@ -136,6 +147,10 @@ def main():
               f"{args.new_tokens} new)")
     print(f"ratio ours/transformers: train step {train['transformers'] / train['ours']:.2f}x, "
           f"decode {decode['transformers'] / decode['ours']:.2f}x (steps and runs interleaved, medians)")
+    if args.profile:
+        for name, model in models.items():
+            print(f"{name:>13} train step: {top_ops(train_step_timer(model, args))}")
+            print(f"{name:>13} decode: {top_ops(decode_timer(model, args), count=8)}")
     if args.compile:
         for model in models.values():
             model.forward = torch.compile(model.forward, fullgraph=True)
