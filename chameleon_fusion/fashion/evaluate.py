@@ -19,7 +19,8 @@ GUIDANCE = 3.0
 def add_arguments(parser):
     parser.add_argument("--model", default=None, help="a recipe output folder (default: the bundled model)")
     parser.add_argument("--limit", type=int, default=None, help="use only this many test images / prompts per test")
-    parser.add_argument("--per-class", type=int, default=50, help="images drawn per class for text->image")
+    parser.add_argument("--per-class", type=int, default=50,
+                        help="drawings per class for text->image, and two-item pages per class")
     parser.add_argument("--guidance-scale", type=float, default=GUIDANCE, help="classifier-free guidance when drawing")
     parser.add_argument("--openings", type=int, default=200, help="free generations counted for the opening split")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -54,8 +55,9 @@ def evaluate(model, processor, judge, limit=None, per_class=50, guidance_scale=G
     per_class = min(per_class, limit) if limit else per_class
     metrics["text_to_image_accuracy"] = text_to_image_accuracy(model, processor, judge, per_class, guidance_scale,
                                                                batch_size)
-    metrics["two_item_accuracy"] = two_item_accuracy(model, processor, judge, max(1, per_class // 2), guidance_scale,
-                                                     batch_size)
+    metrics["two_item_accuracy"] = two_item_accuracy(model, processor, judge, per_class, guidance_scale, batch_size)
+    metrics["samples"] = {"caption_accuracy": len(pictures), "text_to_image_accuracy": 10 * per_class,
+                          "two_item_accuracy": 10 * per_class}
     metrics.update(opening_split(model, processor, openings, batch_size))
     metrics["guidance_scale"] = guidance_scale
     metrics["targets"] = TARGETS
@@ -151,16 +153,22 @@ def opening_split(model, processor, count, batch_size) -> dict:
             "training_text_first_share": 0.6}
 
 
+def _interval(share: float, metrics: dict, name: str) -> str:
+    """' ± h of n' with h the half-width of a 95% normal interval for a share measured on n samples."""
+    count = metrics.get("samples", {}).get(name)
+    return f" ± {1.96 * (share * (1 - share) / count) ** 0.5:.1%} of {count}" if count else ""
+
+
 def format_metrics(metrics: dict, folder) -> str:
     lines = [f"evaluation of {folder} on {metrics['test_images']} real Fashion-MNIST test images"]
     for name, target in TARGETS.items():
         value = metrics.get(name)
         if value is None:
             continue
-        shown = f"{value:.2f} dB" if name.endswith("_db") else f"{value:.1%}"
+        shown = f"{value:.2f} dB" if name.endswith("_db") else f"{value:.1%}" + _interval(value, metrics, name)
         wanted = f"{target:.0f} dB" if name.endswith("_db") else f"{target:.0%}"
         verdict = "met" if value >= target else "NOT met"
-        lines.append(f"  {name:<24} {shown:>9}   (target >= {wanted}: {verdict})")
+        lines.append(f"  {name:<24} {shown:>21}   (target >= {wanted}: {verdict})")
     lines.append(f"  judge on real test images {metrics['judge_accuracy_on_real_test_images']:>8.1%}")
     lines.append(f"  VQ perplexity {metrics['vq_perplexity']:.1f}, re-encode same code "
                  f"{metrics['vq_reencode_same_code_rate']:.1%}")

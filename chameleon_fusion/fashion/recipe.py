@@ -14,10 +14,11 @@ from ..fashion_mnist import load_fashion_mnist
 from .documents import training_texts, write_documents
 
 # the sizes of the bundled default (a whole recipe in well under an hour on a 2-core CPU)
-DECODER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=4, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
+# (smaller and trained longer beats wider at the same minutes: see benchmarks/RESULTS.md, "Embedded default")
+DECODER = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
+               num_key_value_heads=3, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256"]
-FULL = dict(documents=40000, vq_steps=1200, lm_steps=2200, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
+FULL = dict(documents=40000, vq_steps=1200, lm_steps=4000, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
 QUICK = dict(documents=300, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1, per_class=2,
              limit_images=2000, eval_limit=100)
 
@@ -118,6 +119,7 @@ def decoder_step(out, sizes, args):
         "processor": str(out / "processor"), "output_dir": str(out / "model"), "cache_dir": str(out / "cache"),
         "max_steps": steps, "batch_size": sizes["batch_size"], "lr": sizes["lr"], "warmup_steps": max(1, steps // 20),
         "weight_decay": 0.05, "prompt_dropout": 0.15, "logging_steps": 50, "save_steps": 10 * steps, "seed": 0,
+        "bf16": True,  # autocast (weights stay float32): more steps per minute where the CPU has bf16 units
         "training_args": {"lr_scheduler_type": "cosine", "train_sampling_strategy": "group_by_length"},
     }
     (out / "train_config.json").write_text(json.dumps(config, indent=2))
