@@ -15,10 +15,10 @@ from .documents import training_texts, write_documents
 
 # the sizes of the bundled default (a whole recipe in well under an hour on a 2-core CPU)
 # (smaller and trained longer beats wider at the same minutes: see benchmarks/RESULTS.md, "Embedded default")
-DECODER = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
-               num_key_value_heads=3, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
+DECODER = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=2, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256"]
-FULL = dict(documents=40000, vq_steps=1200, lm_steps=4000, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
+FULL = dict(documents=40000, vq_steps=1200, lm_steps=6000, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
 QUICK = dict(documents=300, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1, per_class=2,
              limit_images=2000, eval_limit=100)
 
