@@ -99,6 +99,9 @@ def test_eval_prints_every_figure_on_a_small_subset(capsys, tmp_path):
     assert "opens with an image" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_images"] == 40 and 0 <= metrics["caption_accuracy"] <= 1
+    assert metrics["samples"] == {"caption_accuracy": 40, "text_to_image_accuracy": 20, "two_item_accuracy": 20}
+    share = metrics["caption_accuracy"]
+    assert f"{share:.1%} ± {1.96 * (share * (1 - share) / 40) ** 0.5:.1%} of 40" in printed
 
 
 def test_bundled_model_is_small_and_its_recorded_figures_match_a_fresh_measurement():
