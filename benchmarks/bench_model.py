@@ -3,8 +3,12 @@
     python benchmarks/bench_model.py              # the default small config on this machine
     python benchmarks/bench_model.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
 
-Prints tokens/s of each and the ratio ours / theirs. Both models use the same attention backend (sdpa),
+Prints tokens/s of each and the ratio ours / theirs. Both models use the same attention backend (--attention),
 the same dtype, the same random ids, and the same generate() settings (greedy, a fixed number of tokens).
+The Fashion-MNIST recipe's decoder at its training shape, eager vs sdpa attention under bf16 autocast:
+
+    python benchmarks/bench_model.py --hidden 128 --layers 4 --heads 2 --kv-heads 2 --intermediate 352 \
+        --text-vocab 320 --codebook 256 --batch 32 --seq 74 --autocast --attention eager
 """
 
 import argparse
@@ -36,6 +40,8 @@ def parse_args():
     parser.add_argument("--decode-runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="attention backend of both")
+    parser.add_argument("--autocast", action="store_true", help="train steps under bfloat16 autocast (float32 weights)")
     parser.add_argument("--compile", action="store_true", help="also time static cache + torch.compile decode")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one train step and one decode run spend their time (top ops)")
@@ -63,7 +69,7 @@ def build_models(args):
     for name, cls, config in (("ours", ChameleonFusionForConditionalGeneration, ours),
                               ("transformers", ChameleonForConditionalGeneration, theirs)):
         torch.manual_seed(0)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = args.attention
         with torch.device(args.device):
             models[name] = cls(config).to(dtype=dtype)
     return models
@@ -83,7 +89,9 @@ def train_step_timer(model, args):
     def step() -> float:
         _sync(args.device)
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(args.device)
@@ -136,7 +144,9 @@ def main():
     models = build_models(args)
     params = sum(p.numel() for p in models["ours"].parameters()) / 1e6
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"machine: {machine}; torch {torch.__version__}; dtype {args.dtype}; {params:.1f}M parameters")
+    autocast = " (train steps under bf16 autocast)" if args.autocast else ""
+    print(f"machine: {machine}; torch {torch.__version__}; dtype {args.dtype}{autocast}; attention {args.attention}; "
+          f"{params:.1f}M parameters")
     print(f"config: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads} kv, "
           f"intermediate {args.intermediate}, vocab {models['ours'].config.vocab_size}")
     train = interleaved_medians({name: train_step_timer(m, args) for name, m in models.items()}, args.train_steps, 2)

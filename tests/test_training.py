@@ -1,5 +1,6 @@
 """Training: documents -> datasets, the collator, Trainer with per-modality logging, PEFT recipes, resume, DDP, CLI."""
 
+import argparse
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from chameleon_fusion.training.callbacks import EarlyFusionLoggingCallback
 from chameleon_fusion.training.collator import EarlyFusionCollator
 from chameleon_fusion.training.documents import modality_ramp, pack_sequences, read_jsonl, tokenize_documents
 from chameleon_fusion.training.peft_recipes import add_image_rows, add_lora, image_token_ids, train_image_rows
+from chameleon_fusion.training.train import load_model
 
 DOCUMENTS = [
     {"segments": [{"text": "a photo of a sneaker"}]},
@@ -191,6 +193,14 @@ def test_prompt_dropout_replaces_the_prompt_by_the_unconditional_one(tokenized, 
     share = EarlyFusionCollator(vocabulary, prompt_dropout=0.3)
     dropped_count = sum(len(share([row])["input_ids"][0]) < len(row["input_ids"]) for _ in range(400))
     assert 80 < dropped_count < 160
+
+
+def test_collator_pads_to_a_multiple_of_the_given_length(tokenized, processor):
+    rows = [tokenized[1], tokenized[2]]
+    longest = max(len(r["input_ids"]) for r in rows)
+    batch = EarlyFusionCollator(processor.vocabulary, pad_to_multiple_of=16)(rows)
+    assert batch["input_ids"].shape[1] == -(-longest // 16) * 16 > longest
+    assert batch["attention_mask"][:, longest:].sum() == 0 and (batch["labels"][:, longest:] == -100).all()
 
 
 def test_collator_argument_errors(tokenized, processor):
@@ -477,6 +487,37 @@ def test_train_command_names_bad_options(corpus, saved_model, tmp_path):
     with pytest.raises(ValueError, match="--max-steps"):
         cli_main(["train", "--data", str(corpus), "--model", str(saved_model), "--output-dir", str(tmp_path / "o"),
                   "--modality-start", "text=1", "--modality-end", "interleaved=1"])
+    with pytest.raises(ValueError, match="--image-embeddings"):
+        cli_main(["train", "--data", str(corpus), "--model", str(saved_model), "--output-dir", str(tmp_path / "o"),
+                  "--image-embeddings", "codebook"])
+
+
+def test_codebook_image_embeddings_start_alike_where_the_codes_are_alike(tmp_path):
+    processor = tiny_processor()
+    codebook = processor.vq_model.quantize.embedding.weight  # two clusters of codes: 0-15 and 16-31
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(codebook.shape[1], generator=generator)
+    with torch.no_grad():
+        codebook.copy_(0.1 * torch.randn(codebook.shape, generator=generator))
+        codebook[:16] += centre
+        codebook[16:] -= centre
+    (tmp_path / "decoder.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                                                       "num_attention_heads": 4, "tie_word_embeddings": True}))
+    models = {}
+    for start in ("random", "codebook"):
+        torch.manual_seed(0)
+        options = argparse.Namespace(model_config=str(tmp_path / "decoder.json"), image_embeddings=start)
+        models[start] = load_model(options, processor).get_input_embeddings().weight.detach()
+    ids = processor.vocabulary.code_to_id
+    rows = F.normalize(models["codebook"][ids], dim=-1)
+    similarity = rows @ rows.T
+    assert similarity[:16, :16].mean() > 0.8 and similarity[16:, 16:].mean() > 0.8 and similarity[:16, 16:].mean() < -0.8
+    assert abs(models["codebook"][ids].std().item() - 0.02) < 1e-3  # the init scale of the other rows
+    others = torch.ones(len(models["random"]), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(models["codebook"][others], models["random"][others])
+    random_rows = F.normalize(models["random"][ids], dim=-1)
+    assert (random_rows @ random_rows.T)[:16, 16:].mean().abs() < 0.1
 
 
 def test_two_processes_under_accelerate_launch_match_one_process_at_the_same_global_batch(saved_model, tmp_path):

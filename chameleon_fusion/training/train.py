@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     data.add_argument("--image-root", help="folder that relative image paths in a `datasets` table start from")
     data.add_argument("--max-length", type=int, help="truncate documents (never inside an image), or pack length")
     data.add_argument("--pack", action="store_true", help="pack documents into rows of --max-length tokens")
+    data.add_argument("--pad-to-multiple-of", type=int, help="pad each batch to a multiple of this length (few "
+                      "shapes, so torch.compile builds few graphs)")
     data.add_argument("--cache-dir", help="where datasets caches the tokenized documents")
     data.add_argument("--modality-start", help="modality weights at the start, e.g. 'text=0.8,interleaved=0.2'")
     data.add_argument("--modality-end", help="modality weights at the end, e.g. 'text=0.2,interleaved=0.8'")
@@ -47,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     model.add_argument("--model", help="a saved model (folder or hub id) to fine-tune")
     model.add_argument("--model-config", help="a JSON file of ChameleonFusionConfig fields: a new model (layout from the processor)")
     model.add_argument("--processor", help="a saved ChameleonFusionProcessor (default: --model)")
+    model.add_argument("--image-embeddings", choices=("random", "codebook"), default="random",
+                       help="a new model's image rows: random, or the VQ codebook through a random projection")
 
     recipe = parser.add_argument_group("what trains")
     recipe.add_argument("--train-on", choices=TRAIN_ON, default="all", help="which tokens carry a loss")
@@ -101,7 +105,9 @@ def run(args) -> int:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=EarlyFusionCollator(processor.vocabulary, options.train_on, options.prompt_dropout),
+        data_collator=EarlyFusionCollator(
+            processor.vocabulary, options.train_on, options.prompt_dropout, pad_to_multiple_of=options.pad_to_multiple_of
+        ),
     )
     if _is_early_fusion(model):
         EarlyFusionLoggingCallback(attention_logits=not options.no_attention_logits).attach(trainer)
@@ -141,6 +147,8 @@ def resolve_options(args) -> argparse.Namespace:
         raise ValueError("give exactly one of --model (fine-tune) and --model-config (a new model)")
     if options.model_config and not options.processor:
         raise ValueError("--model-config needs --processor, which fixes the vocabulary layout")
+    if options.image_embeddings != "random" and not options.model_config:
+        raise ValueError("--image-embeddings sets up a new model: it needs --model-config, not --model")
     if options.merge_adapter and not (options.lora or options.image_rows):
         raise ValueError("--merge-adapter needs --lora or --image-rows")
     return options
@@ -223,7 +231,10 @@ def load_model(options, processor):
     """The model to train: loaded, or new from --model-config; a text-only LM gets image rows added."""
     if options.model_config:
         fields = read_config(options.model_config) | processor.vocabulary.layout()
-        return ChameleonFusionForConditionalGeneration(ChameleonFusionConfig(**fields))
+        model = ChameleonFusionForConditionalGeneration(ChameleonFusionConfig(**fields))
+        if options.image_embeddings == "codebook":
+            embed_codebook(model, processor)
+        return model
     model = AutoModelForCausalLM.from_pretrained(options.model, dtype=torch.float32)
     if model.get_input_embeddings().weight.shape[0] < processor.vocabulary.vocab_size:
         logger.warning("growing the embeddings of %s to the processor's %d ids", options.model, processor.vocabulary.vocab_size)
@@ -233,6 +244,22 @@ def load_model(options, processor):
     if _is_early_fusion(model):
         processor.check_model(model)
     return model
+
+
+@torch.no_grad()
+def embed_codebook(model, processor, seed: int = 0):
+    """Start the image rows of the input embeddings (and of lm_head when tied) from the VQ codebook, through a random
+    projection to hidden_size at the embeddings' init scale, so that codes that look alike start out alike."""
+    quantize = processor.vq_model.quantize
+    size = processor.vocabulary.code_to_id.numel()
+    vectors = quantize.lookup(torch.arange(size).view(1, size, 1)).squeeze(0).squeeze(-1).T.float()  # (size, dim)
+    vectors = vectors - vectors.mean(0)
+    generator = torch.Generator().manual_seed(seed)
+    weight = model.get_input_embeddings().weight
+    projection = torch.randn(vectors.shape[1], weight.shape[1], generator=generator)
+    rows = vectors @ projection
+    rows *= model.config.initializer_range / rows.std()
+    weight[processor.vocabulary.code_to_id] = rows.to(weight.dtype)
 
 
 def apply_recipe(model, options, processor):
