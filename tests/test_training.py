@@ -518,6 +518,9 @@ def test_codebook_image_embeddings_start_alike_where_the_codes_are_alike(tmp_pat
     assert torch.equal(models["codebook"][others], models["random"][others])
     random_rows = F.normalize(models["random"][ids], dim=-1)
     assert (random_rows @ random_rows.T)[:16, 16:].mean().abs() < 0.1
+    processor.vq_model = None
+    with pytest.raises(ValueError, match="vq_model"):
+        load_model(options, processor)
 
 
 def test_two_processes_under_accelerate_launch_match_one_process_at_the_same_global_batch(saved_model, tmp_path):

@@ -250,6 +250,8 @@ def load_model(options, processor):
 def embed_codebook(model, processor, seed: int = 0):
     """Start the image rows of the input embeddings (and of lm_head when tied) from the VQ codebook, through a random
     projection to hidden_size at the embeddings' init scale, so that codes that look alike start out alike."""
+    if processor.vq_model is None:
+        raise ValueError("--image-embeddings codebook needs a processor that holds its VQ tokenizer (vq_model)")
     quantize = processor.vq_model.quantize
     size = processor.vocabulary.code_to_id.numel()
     vectors = quantize.lookup(torch.arange(size).view(1, size, 1)).squeeze(0).squeeze(-1).T.float()  # (size, dim)
