@@ -120,7 +120,8 @@ def decoder_step(out, sizes, args):
         "data": str(out / "data" / "documents.jsonl"), "model_config": str(out / "decoder_config.json"),
         "processor": str(out / "processor"), "output_dir": str(out / "model"), "cache_dir": str(out / "cache"),
         "max_steps": steps, "batch_size": sizes["batch_size"], "lr": sizes["lr"], "warmup_steps": max(1, steps // 20),
-        "weight_decay": 0.05, "prompt_dropout": 0.15, "image_embeddings": "codebook", "logging_steps": 50, "save_steps": 10 * steps, "seed": 0,
+        "weight_decay": 0.05, "prompt_dropout": 0.15, "image_embeddings": "codebook", "logging_steps": 50,
+        "save_steps": 10 * steps, "seed": 0,
         "bf16": True,  # autocast (weights stay float32): more steps per minute where the CPU has bf16 units
         "training_args": {"lr_scheduler_type": "cosine", "train_sampling_strategy": "group_by_length"},
     }
