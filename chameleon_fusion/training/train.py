@@ -252,16 +252,15 @@ def embed_codebook(model, processor, seed: int = 0):
     projection to hidden_size at the embeddings' init scale, so that codes that look alike start out alike."""
     if processor.vq_model is None:
         raise ValueError("--image-embeddings codebook needs a processor that holds its VQ tokenizer (vq_model)")
-    quantize = processor.vq_model.quantize
-    size = processor.vocabulary.code_to_id.numel()
-    vectors = quantize.lookup(torch.arange(size).view(1, size, 1)).squeeze(0).squeeze(-1).T.float()  # (size, dim)
-    vectors = vectors - vectors.mean(0)
+    codes = processor.vocabulary.code_to_id
+    vectors = processor.vq_model.quantize.lookup(torch.arange(len(codes))[None, :, None])[0, :, :, 0].T.float()
+    vectors = vectors - vectors.mean(0)  # (codes, embed_dim), centred
     generator = torch.Generator().manual_seed(seed)
     weight = model.get_input_embeddings().weight
     projection = torch.randn(vectors.shape[1], weight.shape[1], generator=generator)
     rows = vectors @ projection
     rows *= model.config.initializer_range / rows.std()
-    weight[processor.vocabulary.code_to_id] = rows.to(weight.dtype)
+    weight[codes] = rows.to(weight.dtype)
 
 
 def apply_recipe(model, options, processor):
