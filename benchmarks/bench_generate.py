@@ -4,6 +4,7 @@ step, static vs dynamic cache, and the cost over plain decoding of as many token
     python benchmarks/bench_generate.py                     # a small random model on this machine
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --hidden 4096 --layers 32 --heads 32 \
         --intermediate 11008 --text-vocab 65536 --image-seq-length 1024   # Chameleon-7B-shaped, random weights
+    python benchmarks/bench_generate.py --breakdown ...      # GPU: device-busy vs wall time per step, host ops
 
 An image is <boi> + image_seq_length image tokens + <eoi> + eos, drawn with generate(generation_mode="image")
 (image tokens sampled at temperature 1). Times are medians of --runs after one warm-up run (which also
@@ -29,6 +30,7 @@ from chameleon_fusion.generation import (
     ModalityConstrainedLogitsProcessor,
     ModalitySamplingLogitsProcessor,
     SamplingSettings,
+    stop_checks_deferred_on,
 )
 from chameleon_fusion.vocabulary import Vocabulary
 
@@ -53,6 +55,8 @@ def parse_args():
     parser.add_argument("--skip-static", action="store_true", help="leave out the static-cache runs")
     parser.add_argument("--processors-only", action="store_true",
                         help="time the processor alone (no model: any vocabulary shape fits in memory)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only where a static-cache image step's time goes (GPU): device busy vs wall, host ops")
     return parser.parse_args()
 
 
@@ -98,10 +102,7 @@ def generation_times(model, prompt, args) -> dict:
     with torch.inference_mode():
         for cache_name, cache in caches.items():
             results[f"plain decode, {cache_name}"] = median_seconds(
-                lambda cache=cache: GenerationMixin.generate(
-                    model, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **cache
-                ),
-                args.device, args.runs,
+                lambda cache=cache: plain_decode(model, prompt, new_tokens, cache), args.device, args.runs
             )
             results[f"image, {cache_name}"] = median_seconds(
                 lambda cache=cache: model.generate(prompt, generation_mode="image", **cache), args.device, args.runs
@@ -113,6 +114,14 @@ def generation_times(model, prompt, args) -> dict:
                 args.device, args.runs,
             )
     return results
+
+
+def plain_decode(model, prompt, new_tokens: int, cache: dict):
+    """transformers' generate() with no processor at all, its stop check deferred as ours is on CUDA."""
+    with stop_checks_deferred_on(prompt.device):
+        return GenerationMixin.generate(
+            model, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **cache
+        )
 
 
 def processor_seconds_per_step(vocabulary, args, guided: bool, states_from_prompt: bool = True, mode="image") -> float:
@@ -175,6 +184,37 @@ def compare_processors(args) -> None:
             print(f"| {name} | {states} | {1e6 * seconds:.0f} | {ops} |")
 
 
+def step_breakdown(model, prompt, args) -> None:
+    """One static-cache image under the profiler: device-busy time per step against wall time, and the host ops
+    that cost most; then the weights-read floor (every weight read once per token at the measured copy rate)."""
+    steps = args.image_seq_length + 3
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.inference_mode():
+        for _ in range(2):  # compile, then the warm cudagraph path
+            model.generate(prompt, generation_mode="image", cache_implementation="static")
+        synchronize(args.device)
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as profile:
+            model.generate(prompt, generation_mode="image", cache_implementation="static")
+            synchronize(args.device)
+        wall = time.perf_counter() - start
+    events = profile.key_averages()
+    busy = sum(event.self_device_time_total for event in events) / 1e6
+    print(f"# bench_generate --breakdown  {datetime.date.today()}  {machine(args)}")
+    print(f"image, static cache, under the profiler: {1000 * wall / steps:.2f} ms wall per step, "
+          f"{1000 * busy / steps:.2f} ms of it with the device busy ({100 * busy / wall:.0f}%)")
+    print("host ops by self CPU time (us per step):")
+    for event in sorted(events, key=lambda event: -event.self_cpu_time_total)[:15]:
+        print(f"  {event.key[:70]:70s} {event.self_cpu_time_total / steps:8.1f}  x{event.count / steps:.1f}")
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name)
+    block = torch.empty(1 << 31, dtype=torch.uint8, device=args.device)
+    copy_seconds = median_seconds(lambda: block.clone(), args.device, 10)
+    rate = 2 * block.numel() / copy_seconds  # bytes read + written per second
+    print(f"weights read per token: {weight_bytes / 1e9:.2f} GB; device copy rate {rate / 1e12:.2f} TB/s "
+          f"(read + write) -> floor {1000 * weight_bytes / rate:.2f} ms per token, {steps * weight_bytes / rate:.2f} s "
+          "per image")
+
+
 def machine(args) -> str:
     if args.device.startswith("cuda"):
         accelerator = torch.cuda.get_device_name(torch.device(args.device))
@@ -192,6 +232,8 @@ def main():
     model = build_model(args)
     prompt = torch.randint(0, args.text_vocab, (args.batch, args.prompt_length), device=args.device)
     prompt[:, 0] = model.config.bos_token_id
+    if args.breakdown:
+        return step_breakdown(model, prompt, args)
     parameters = sum(p.numel() for p in model.parameters())
     times = generation_times(model, prompt, args)
     steps = args.image_seq_length + 3

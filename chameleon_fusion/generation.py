@@ -19,11 +19,13 @@ them as one `EarlyFusionLogitsProcessor` (same result, row states derived once p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
 
 import torch
+import transformers.generation.utils as transformers_generation
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.utils import ModelOutput
 
@@ -619,6 +621,33 @@ class GenerationPlan:
         return 1 if not self.guided else 2 if self.image_guidance_scale is None else 3
 
 
+@contextlib.contextmanager
+def stop_checks_deferred_on(device: torch.device):
+    """Let transformers' sampling loop read "all rows finished?" one step late on CUDA too, as it does on mps.
+
+    Read at once, that flag makes the host wait for the GPU at every token, and the GPU then idles while the host
+    prepares the next step; read a step late, the host queues step t+1 while the GPU runs step t. Both ways give
+    the same tokens (a step run past the end is undone by transformers), so a thread that sees the other way
+    while another generate() holds this switch loses only speed. Does nothing where transformers lacks the hook.
+    """
+    deferred = getattr(transformers_generation, "DeferredStopCheck", None)
+    original = vars(deferred).get("is_supported") if deferred is not None else None
+    if device.type != "cuda" or not isinstance(original, staticmethod):
+        yield
+        return
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if device.type != "cuda" or is_assistant:
+            return original.__func__(device, cache, cache_is_returned, is_assistant)
+        return cache is None or cache.is_croppable or not cache_is_returned
+
+    deferred.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        deferred.is_supported = original
+
+
 class ChameleonFusionGenerationMixin(GenerationMixin):
     """`generate(..., generation_mode="text"|"image"|"interleaved")` with the grammar, per-modality sampling and
     batched classifier-free guidance; everything else is transformers' generate().
@@ -668,12 +697,13 @@ class ChameleonFusionGenerationMixin(GenerationMixin):
         processors = LogitsProcessorList([*(logits_processor or []), *self._modality_processors(plan, input_ids)])
         self._guidance_streams = plan.streams
         try:
-            output = super().generate(
-                input_ids,
-                generation_config=self._loop_config(generation_config, plan),
-                logits_processor=processors,
-                **model_kwargs,
-            )
+            with stop_checks_deferred_on(input_ids.device):
+                output = super().generate(
+                    input_ids,
+                    generation_config=self._loop_config(generation_config, plan),
+                    logits_processor=processors,
+                    **model_kwargs,
+                )
         finally:
             self._guidance_streams = None
         return keep_prompt_rows(output, plan.stream_groups) if plan.guided else output

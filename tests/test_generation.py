@@ -1,10 +1,13 @@
 """Generation: the modality grammar under random logits, per-modality sampling, batched CFG, generate() end to end."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     TopKLogitsWarper,
@@ -741,3 +744,40 @@ def test_generate_command_writes_pngs_and_the_interleaved_page(tmp_path):
     assert (tmp_path / "doc" / "index.html").exists()
     assert main([*common, "--mode", "text", "--max-new-tokens", "5", "--out", str(tmp_path / "text")]) == 0
     assert (tmp_path / "text" / "output.txt").read_text()
+
+
+def test_stop_checks_are_deferred_on_cuda_only_while_generate_runs():
+    from transformers.generation.utils import DeferredStopCheck
+
+    from chameleon_fusion.generation import stop_checks_deferred_on
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cache = DynamicCache()
+    assert not DeferredStopCheck.is_supported(cuda, cache, False, False)
+    with stop_checks_deferred_on(cpu):
+        assert not DeferredStopCheck.is_supported(cuda, cache, False, False)
+    with stop_checks_deferred_on(cuda):
+        assert DeferredStopCheck.is_supported(cuda, None, False, False)
+        assert DeferredStopCheck.is_supported(cuda, cache, True, False)  # a dynamic cache can undo the extra step
+        assert not DeferredStopCheck.is_supported(cuda, cache, False, True)  # assistant models: never
+        assert not DeferredStopCheck.is_supported(cpu, cache, False, False)
+    assert not DeferredStopCheck.is_supported(cuda, cache, False, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_deferred_stop_checks_give_the_tokens_of_immediate_ones_on_cuda(mode):
+    from chameleon_fusion import generation
+
+    model, ids = tiny_model().cuda(), torch.tensor([[BOS, 5, 6]], device="cuda")
+    greedy_text = model.generate(ids, generation_mode="text", max_new_tokens=12)[0, 3:].tolist()
+    eos = greedy_text[5]  # greedy search reaches it mid-way, so the deferred loop runs one step past the end
+    outputs = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        switch = generation.stop_checks_deferred_on if defer else lambda device: contextlib.nullcontext()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(generation, "stop_checks_deferred_on", switch)
+            outputs.append(model.generate(ids, generation_mode=mode, max_new_tokens=12 if mode == "text" else None,
+                                          eos_token_id=eos if mode == "text" else EOS).tolist())
+    assert outputs[0] == outputs[1]
