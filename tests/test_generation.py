@@ -746,7 +746,7 @@ def test_generate_command_writes_pngs_and_the_interleaved_page(tmp_path):
     assert (tmp_path / "text" / "output.txt").read_text()
 
 
-def test_stop_checks_are_deferred_on_cuda_only_while_generate_runs():
+def test_stop_check_deferral_covers_cuda_only_and_ends_with_its_block():
     from transformers.generation.utils import DeferredStopCheck
 
     from chameleon_fusion.generation import stop_checks_deferred_on
@@ -767,17 +767,26 @@ def test_stop_checks_are_deferred_on_cuda_only_while_generate_runs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["text", "image"])
 def test_deferred_stop_checks_give_the_tokens_of_immediate_ones_on_cuda(mode):
+    from transformers.generation.utils import DeferredStopCheck
+
     from chameleon_fusion import generation
 
     model, ids = tiny_model().cuda(), torch.tensor([[BOS, 5, 6]], device="cuda")
     greedy_text = model.generate(ids, generation_mode="text", max_new_tokens=12)[0, 3:].tolist()
     eos = greedy_text[5]  # greedy search reaches it mid-way, so the deferred loop runs one step past the end
-    outputs = []
+    outputs, deferred_in_run = [], []
+    original_init = DeferredStopCheck.__init__
+
+    def counting_init(self, *args):
+        deferred_in_run.append(len(outputs))
+        original_init(self, *args)
+
     for defer in (False, True):
         torch.manual_seed(0)
         switch = generation.stop_checks_deferred_on if defer else lambda device: contextlib.nullcontext()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(generation, "stop_checks_deferred_on", switch)
+            patch.setattr(DeferredStopCheck, "__init__", counting_init)
             outputs.append(model.generate(ids, generation_mode=mode, max_new_tokens=12 if mode == "text" else None,
                                           eos_token_id=eos if mode == "text" else EOS).tolist())
-    assert outputs[0] == outputs[1]
+    assert deferred_in_run == [1] and outputs[0] == outputs[1]  # only the second run deferred, same tokens
