@@ -206,7 +206,9 @@ def step_breakdown(model, prompt, args) -> None:
     print("host ops by self CPU time (us per step):")
     for event in sorted(events, key=lambda event: -event.self_cpu_time_total)[:15]:
         print(f"  {event.key[:70]:70s} {event.self_cpu_time_total / steps:8.1f}  x{event.count / steps:.1f}")
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name)
+    weight_bytes = sum(  # every matrix a step reads: the input embedding is only indexed, a tied lm_head is read
+        p.numel() * p.element_size() for name, p in model.named_parameters(remove_duplicate=False) if "embed" not in name
+    )
     block = torch.empty(1 << 31, dtype=torch.uint8, device=args.device)
     copy_seconds = median_seconds(lambda: block.clone(), args.device, 10)
     rate = 2 * block.numel() / copy_seconds  # bytes read + written per second
