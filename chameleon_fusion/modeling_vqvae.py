@@ -349,6 +349,7 @@ class ChameleonFusionVQVAEOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
     quantizer_loss: torch.FloatTensor | None = None
     indices: torch.LongTensor | None = None
@@ -479,6 +480,7 @@ class ChameleonFusionVQVAE(PreTrainedModel):
         return ChameleonFusionVQVAEOutput(
             loss=reconstruction_loss + quantizer_loss,
             reconstruction=reconstruction,
+            quantized=quantized,
             reconstruction_loss=reconstruction_loss,
             quantizer_loss=quantizer_loss,
             indices=indices,

@@ -98,6 +98,7 @@ def test_forward_reports_loss_terms_and_codebook_statistics():
     out = model(random_pixels(4))
     assert out.reconstruction.shape == (4, 3, 16, 16)
     assert torch.allclose(out.loss, out.reconstruction_loss + out.quantizer_loss)
+    assert torch.allclose(out.quantized, model.quantize.lookup(out.indices), atol=1e-6)  # straight-through codes
     utilization, perplexity = codebook_stats(out.indices, model.config.codebook_size)
     assert out.utilization == utilization and out.perplexity == perplexity
 
@@ -413,6 +414,49 @@ def test_train_vq_reads_a_datasets_image_column(tmp_path, image_folder):
     assert ChameleonFusionVQVAE.from_pretrained(out).config.codebook_size == 16
     with pytest.raises(ValueError, match="--image-column"):
         run_train_vq("--dataset", tmp_path / "table", "--image-column", "image", "--output-dir", out, *TINY_ARGS)
+
+
+def labelled_table(image_folder, path, labels):
+    import datasets
+
+    files = sorted(str(p) for p in image_folder.rglob("*.png"))
+    table = datasets.Dataset.from_dict({"image": files, "label": labels(len(files))})
+    table.cast_column("image", datasets.Image()).save_to_disk(path)
+    return path
+
+
+def test_label_term_trains_a_class_head_on_the_codes_and_saves_only_the_tokenizer(tmp_path):
+    """Dark images are class 0 and bright ones class 1: the class term's loss falls while the tokenizer trains."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        level = 40 if i % 2 == 0 else 215
+        Image.fromarray(np.clip(rng.normal(level, 30, (16, 16, 3)), 0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    table = labelled_table(folder, tmp_path / "table", lambda n: [i % 2 for i in range(n)])
+    out = tmp_path / "out"
+    assert run_train_vq("--dataset", table, "--output-dir", out, "--steps", 40, "--eval-images", 4,
+                        "--label-loss-weight", 1.0, *TINY_ARGS) == 0
+    label_losses = [json.loads(line)["label_loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(label_losses) == 40
+    assert np.mean(label_losses[-5:]) < 0.5 * np.mean(label_losses[:5]), label_losses
+    from safetensors.torch import load_file
+
+    saved_keys = set(load_file(out / "model.safetensors"))  # the file itself: no class head in it
+    assert saved_keys == set(ChameleonFusionVQVAE.from_pretrained(out).state_dict())
+
+
+def test_label_term_names_what_is_wrong(tmp_path, image_folder):
+    common = ["--output-dir", tmp_path / "out", "--steps", 2, "--eval-images", 2, *TINY_ARGS]
+    with pytest.raises(ValueError, match="--label-loss-weight needs class labels"):
+        run_train_vq("--image-folder", image_folder, "--label-loss-weight", 0.1, *common)
+    with pytest.raises(ValueError, match="--label-loss-weight must be >= 0"):
+        run_train_vq("--image-folder", image_folder, "--label-loss-weight", -1, *common)
+    table = labelled_table(image_folder, tmp_path / "table", lambda n: ["cat"] * n)
+    with pytest.raises(ValueError, match="--label-column 'kind' is not in the dataset's columns"):
+        run_train_vq("--dataset", table, "--label-loss-weight", 0.1, "--label-column", "kind", *common)
+    with pytest.raises(ValueError, match="--label-column 'label' must hold class indices"):
+        run_train_vq("--dataset", table, "--label-loss-weight", 0.1, *common)
 
 
 @pytest.mark.skipif(not fashion_mnist_root().exists(), reason="Debian package dataset-fashion-mnist missing")

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     source.add_argument("--image-folder", help="a folder of images, searched recursively")
     source.add_argument("--dataset", help="a `datasets` name or local path with an Image column")
     data.add_argument("--image-column", default="image")
+    data.add_argument("--label-column", default="label", help="a dataset's class column (for --label-loss-weight)")
     data.add_argument("--split", default="train")
     data.add_argument("--fashion-mnist-root", help="folder of the idx.gz files (default: Debian's)")
     data.add_argument("--eval-images", type=int, default=500, help="held out of a folder/dataset for eval")
@@ -74,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser):
                        help="train on CPU; with `torchrun --nproc_per_node N` that is N processes over gloo")
     train.add_argument("--gan-weight", type=float, default=0.0, help="PatchGAN term weight; 0 turns it off")
     train.add_argument("--gan-start", type=int, default=1000, help="step at which the adversarial term starts")
+    train.add_argument("--label-loss-weight", type=float, default=0.0,
+                       help="weight of a class term: a linear classifier on the quantized latents, trained with the "
+                       "tokenizer on the images' labels (Fashion-MNIST's, or --label-column), so the codes keep "
+                       "class evidence; 0 turns it off")
 
 
 # -- data: every source yields uint8 (C, H, W) tensors at the training resolution ----------------------
@@ -98,16 +103,17 @@ def to_pixel_values(images: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images from files or from a `datasets` column, converted on access."""
+    """Images from files or from a `datasets` column, converted on access; with `labels`, (image, label) pairs."""
 
-    def __init__(self, items, resolution: int, channels: int, read=lambda item: Image.open(item)):
-        self.items, self.resolution, self.channels, self.read = items, resolution, channels, read
+    def __init__(self, items, resolution: int, channels: int, read=lambda item: Image.open(item), labels=None):
+        self.items, self.resolution, self.channels, self.read, self.labels = items, resolution, channels, read, labels
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        return image_to_uint8(self.read(self.items[index]), self.resolution, self.channels)
+        image = image_to_uint8(self.read(self.items[index]), self.resolution, self.channels)
+        return image if self.labels is None else (image, self.labels[index])
 
 
 def fashion_mnist_uint8(split: str, resolution: int, root=None) -> torch.Tensor:
@@ -119,13 +125,15 @@ def fashion_mnist_uint8(split: str, resolution: int, root=None) -> torch.Tensor:
 
 
 def build_datasets(args, resolution: int, in_channels: int):
-    """(train, eval) datasets of uint8 tensors; eval is Fashion-MNIST's test split or a held-out tail."""
+    """(train, eval) datasets of uint8 tensors (with class labels when --label-loss-weight asks for them); eval is
+    Fashion-MNIST's test split or a held-out tail."""
     if args.fashion_mnist:
-        train = fashion_mnist_uint8("train", resolution, args.fashion_mnist_root)
-        test = fashion_mnist_uint8("test", resolution, args.fashion_mnist_root)
-        return torch.utils.data.TensorDataset(train), torch.utils.data.TensorDataset(test)
+        return tuple(_fashion_mnist_split(split, resolution, args) for split in ("train", "test"))
     channels = 1 if in_channels == 1 else 3
     if args.image_folder:
+        if args.label_loss_weight:
+            raise ValueError("--label-loss-weight needs class labels: use --fashion-mnist, or --dataset with a "
+                             "--label-column; an --image-folder has none")
         files = sorted(p for p in Path(args.image_folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.image_folder}")
@@ -135,6 +143,16 @@ def build_datasets(args, resolution: int, in_channels: int):
     held_out = min(args.eval_images, len(full) // 10)
     train = torch.utils.data.Subset(full, range(len(full) - held_out))
     return train, torch.utils.data.Subset(full, range(len(full) - held_out, len(full)))
+
+
+def _fashion_mnist_split(split: str, resolution: int, args) -> torch.utils.data.TensorDataset:
+    from ..fashion_mnist import load_fashion_mnist
+
+    images = fashion_mnist_uint8(split, resolution, args.fashion_mnist_root)
+    if not args.label_loss_weight:
+        return torch.utils.data.TensorDataset(images)
+    labels = torch.from_numpy(load_fashion_mnist(split, args.fashion_mnist_root)[1].astype(np.int64))
+    return torch.utils.data.TensorDataset(images, labels)
 
 
 def _datasets_column(args, resolution: int, channels: int) -> ImageDataset:
@@ -148,7 +166,24 @@ def _datasets_column(args, resolution: int, channels: int) -> ImageDataset:
     if args.image_column not in table.column_names:
         raise ValueError(f"--image-column {args.image_column!r} not in the dataset's columns {table.column_names}")
     column = table.cast_column(args.image_column, datasets.Image())
-    return ImageDataset(range(len(column)), resolution, channels, read=lambda i: column[i][args.image_column])
+    labels = _label_column(table, args) if args.label_loss_weight else None
+    return ImageDataset(range(len(column)), resolution, channels, read=lambda i: column[i][args.image_column],
+                        labels=labels)
+
+
+def _label_column(table, args) -> list[int]:
+    """The dataset's class labels as integers 0..n-1, checked."""
+    if args.label_column not in table.column_names:
+        raise ValueError(f"--label-loss-weight needs a class column: --label-column {args.label_column!r} is not "
+                         f"in the dataset's columns {table.column_names}")
+    labels = table[args.label_column]
+    if not all(isinstance(label, int) and not isinstance(label, bool) and label >= 0 for label in labels):
+        raise ValueError(f"--label-column {args.label_column!r} must hold class indices (integers >= 0)")
+    return labels
+
+
+def _labels(sample) -> torch.Tensor | None:
+    return sample[1] if isinstance(sample, (tuple, list)) and len(sample) > 1 else None
 
 
 def _first(sample):
@@ -178,6 +213,27 @@ class StepBatches(torch.utils.data.Sampler):
             epoch, position = divmod(step, self.per_epoch)
             start = (position * self.world_size + self.rank) * self.batch_size
             yield self._order(epoch)[start : start + self.batch_size].tolist()
+
+
+# -- the optional class term -------------------------------------------------------------------------
+
+
+class LabelHead(nn.Module):
+    """A linear classifier over the flattened quantized latents (training only; not saved with the tokenizer)."""
+
+    def __init__(self, config: ChameleonFusionVQVAEConfig, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(config.embed_dim * config.latent_size**2, num_classes)
+
+    def forward(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.linear(quantized.flatten(1))
+
+
+def count_classes(dataset) -> int:
+    """1 + the largest class label of a labelled training set (a TensorDataset, an ImageDataset or a Subset)."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    labels = base.tensors[1] if isinstance(base, torch.utils.data.TensorDataset) else torch.as_tensor(base.labels)
+    return int(labels.max()) + 1
 
 
 # -- the optional adversarial term -------------------------------------------------------------------
@@ -289,6 +345,8 @@ def run(args) -> int:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    if args.label_loss_weight < 0:
+        raise ValueError(f"--label-loss-weight must be >= 0, got {args.label_loss_weight}")
     accelerator = Accelerator(cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -296,10 +354,14 @@ def run(args) -> int:
     config = model.config
     train_set, eval_set = build_datasets(args, config.resolution, config.in_channels)
 
+    label_head = LabelHead(config, count_classes(train_set)) if args.label_loss_weight else None
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(label_head.parameters()) if label_head else []
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if label_head:
+        label_head = accelerator.prepare(label_head)
     discriminator = disc_optimizer = None
     if args.gan_weight > 0:
         discriminator = PatchDiscriminator(config.in_channels)
@@ -331,6 +393,9 @@ def run(args) -> int:
         pixels = to_pixel_values(_first(batch), config.in_channels).to(accelerator.device)
         out = model(pixels)
         loss = out.loss
+        if label_head:
+            label_loss = F.cross_entropy(label_head(out.quantized), _labels(batch).to(accelerator.device))
+            loss = loss + args.label_loss_weight * label_loss
         use_gan = discriminator is not None and step >= args.gan_start
         if use_gan:
             generator_loss = -discriminator(out.reconstruction).mean()
@@ -363,6 +428,8 @@ def run(args) -> int:
             }
             if use_gan:
                 record["disc_loss"] = disc_loss.item()
+            if label_head:
+                record["label_loss"] = label_loss.item()
             progress.set_postfix(psnr=f"{record['psnr_db']:.2f}", util=f"{record['batch_utilization']:.2f}")
             if accelerator.is_main_process:
                 with log_path.open("a") as handle:
