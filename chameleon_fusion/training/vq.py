@@ -182,10 +182,6 @@ def _label_column(table, args) -> list[int]:
     return labels
 
 
-def _labels(sample) -> torch.Tensor | None:
-    return sample[1] if isinstance(sample, (tuple, list)) and len(sample) > 1 else None
-
-
 def _first(sample):
     return sample[0] if isinstance(sample, (tuple, list)) else sample
 
@@ -356,11 +352,11 @@ def run(args) -> int:
 
     label_head = LabelHead(config, count_classes(train_set)) if args.label_loss_weight else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable += list(label_head.parameters()) if label_head else []
+    trainable += list(label_head.parameters()) if label_head is not None else []
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, args.steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if label_head:
+    if label_head is not None:
         label_head = accelerator.prepare(label_head)
     discriminator = disc_optimizer = None
     if args.gan_weight > 0:
@@ -393,8 +389,8 @@ def run(args) -> int:
         pixels = to_pixel_values(_first(batch), config.in_channels).to(accelerator.device)
         out = model(pixels)
         loss = out.loss
-        if label_head:
-            label_loss = F.cross_entropy(label_head(out.quantized), _labels(batch).to(accelerator.device))
+        if label_head is not None:
+            label_loss = F.cross_entropy(label_head(out.quantized), batch[1].to(accelerator.device))
             loss = loss + args.label_loss_weight * label_loss
         use_gan = discriminator is not None and step >= args.gan_start
         if use_gan:
@@ -428,7 +424,7 @@ def run(args) -> int:
             }
             if use_gan:
                 record["disc_loss"] = disc_loss.item()
-            if label_head:
+            if label_head is not None:
                 record["label_loss"] = label_loss.item()
             progress.set_postfix(psnr=f"{record['psnr_db']:.2f}", util=f"{record['batch_utilization']:.2f}")
             if accelerator.is_main_process:
