@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModel
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
@@ -440,8 +441,6 @@ def test_label_term_trains_a_class_head_on_the_codes_and_saves_only_the_tokenize
     label_losses = [json.loads(line)["label_loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(label_losses) == 40
     assert np.mean(label_losses[-5:]) < 0.5 * np.mean(label_losses[:5]), label_losses
-    from safetensors.torch import load_file
-
     saved_keys = set(load_file(out / "model.safetensors"))  # the file itself: no class head in it
     assert saved_keys == set(ChameleonFusionVQVAE.from_pretrained(out).state_dict())
 

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from ..configuration_chameleon_fusion import ChameleonFusionVQVAEConfig
+from ..fashion_mnist import load_fashion_mnist
 from ..modeling_vqvae import ChameleonFusionVQVAE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -118,9 +119,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def fashion_mnist_uint8(split: str, resolution: int, root=None) -> torch.Tensor:
     """Fashion-MNIST resized to `resolution` (PIL bicubic) as uint8 (N, 1, resolution, resolution)."""
-    from ..fashion_mnist import load_fashion_mnist
+    return _resized(load_fashion_mnist(split, root)[0], resolution)
 
-    images, _ = load_fashion_mnist(split, root)
+
+def _resized(images: np.ndarray, resolution: int) -> torch.Tensor:
     return torch.stack([image_to_uint8(Image.fromarray(image), resolution, 1) for image in images])
 
 
@@ -146,13 +148,12 @@ def build_datasets(args, resolution: int, in_channels: int):
 
 
 def _fashion_mnist_split(split: str, resolution: int, args) -> torch.utils.data.TensorDataset:
-    from ..fashion_mnist import load_fashion_mnist
-
-    images = fashion_mnist_uint8(split, resolution, args.fashion_mnist_root)
-    if not args.label_loss_weight:
-        return torch.utils.data.TensorDataset(images)
-    labels = torch.from_numpy(load_fashion_mnist(split, args.fashion_mnist_root)[1].astype(np.int64))
-    return torch.utils.data.TensorDataset(images, labels)
+    """One split's images, and its labels when the class term needs them (the files are read once)."""
+    images, labels = load_fashion_mnist(split, args.fashion_mnist_root)
+    tensors = [_resized(images, resolution)]
+    if args.label_loss_weight:
+        tensors.append(torch.from_numpy(labels.astype(np.int64)))
+    return torch.utils.data.TensorDataset(*tensors)
 
 
 def _datasets_column(args, resolution: int, channels: int) -> ImageDataset:
