@@ -38,6 +38,15 @@ def test_document_mix_opens_with_text_sixty_percent_of_the_time():
     text_first = np.mean([kind != "image_first" for kind in kinds])
     assert abs(text_first - 0.6) < 0.015
     assert abs(np.mean([kind == "two_items" for kind in kinds]) - 0.2) < 0.015
+    more_pages = draw_kinds(20000, 0.6, np.random.default_rng(0), two_item_share=2 / 3)
+    assert abs(np.mean([kind == "two_items" for kind in more_pages]) - 0.4) < 0.015
+
+
+def test_document_shares_outside_zero_to_one_are_refused():
+    with pytest.raises(ValueError, match="two_item_share"):
+        draw_kinds(10, 0.6, np.random.default_rng(0), two_item_share=1.5)
+    with pytest.raises(ValueError, match="text_first_share"):
+        draw_kinds(10, -0.1, np.random.default_rng(0))
 
 
 def test_documents_reference_real_images_with_their_true_captions(tmp_path):

@@ -50,20 +50,25 @@ def training_texts() -> list[str]:
     return texts
 
 
-def draw_kinds(count: int, text_first_share: float, rng: np.random.Generator) -> list[str]:
-    """Document kinds with `text_first_share` opening with text (caption-first and two-item pages) and the rest
-    opening with an image (image-first)."""
+def draw_kinds(
+    count: int, text_first_share: float, rng: np.random.Generator, two_item_share: float = 1 / 3
+) -> list[str]:
+    """Document kinds with `text_first_share` opening with text and the rest opening with an image (image-first);
+    `two_item_share` of the text-first ones are two-item pages, the others caption-first."""
+    for name, share in (("text_first_share", text_first_share), ("two_item_share", two_item_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {share!r}")
     kinds = []
     for _ in range(count):
         if rng.random() >= text_first_share:
             kinds.append("image_first")
         else:
-            kinds.append("two_items" if rng.random() < 1 / 3 else "caption_first")
+            kinds.append("two_items" if rng.random() < two_item_share else "caption_first")
     return kinds
 
 
 def write_documents(folder, split: str = "train", count: int = 30000, text_first_share: float = 0.6,
-                    seed: int = 0, root=None, limit_images: int | None = None) -> Path:
+                    seed: int = 0, root=None, limit_images: int | None = None, two_item_share: float = 1 / 3) -> Path:
     """Write `count` documents over the split's real images as PNGs plus documents.jsonl; returns the JSONL path.
 
     Caption-first documents are prompt/answer pairs (caption -> image), so training can drop the prompt for
@@ -85,7 +90,7 @@ def write_documents(folder, split: str = "train", count: int = 30000, text_first
 
     path = folder / "documents.jsonl"
     with path.open("w", encoding="utf-8") as out:
-        for kind in draw_kinds(count, text_first_share, rng):
+        for kind in draw_kinds(count, text_first_share, rng, two_item_share):
             first, second = (int(i) for i in rng.integers(0, len(images), 2))
             out.write(json.dumps(_document(kind, first, second, labels, image)) + "\n")
     return path
