@@ -148,8 +148,9 @@ def opening_split(model, processor, count, batch_size) -> dict:
             ids = model.generate(bos.expand(rows, -1), generation_mode="interleaved", do_sample=True,
                                  text_temperature=1.0, max_new_tokens=processor.vocabulary.image_seq_length + 3)
         first_tokens += ids[:, 1].tolist()
-    image_first = float(np.mean([token == boi for token in first_tokens]))
-    return {"opening_image_first": image_first, "opening_text_first": 1 - image_first, "openings_sampled": count,
+    images_first = sum(token == boi for token in first_tokens)
+    return {"opening_image_first": images_first / count, "opening_text_first": (count - images_first) / count,
+            "openings_sampled": count,
             "training_text_first_share": 0.6}
 
 
