@@ -150,8 +150,7 @@ def opening_split(model, processor, count, batch_size) -> dict:
         first_tokens += ids[:, 1].tolist()
     images_first = sum(token == boi for token in first_tokens)
     return {"opening_image_first": images_first / count, "opening_text_first": (count - images_first) / count,
-            "openings_sampled": count,
-            "training_text_first_share": 0.6}
+            "openings_sampled": count, "training_text_first_share": 0.6}
 
 
 def _interval(share: float, metrics: dict, name: str) -> str:

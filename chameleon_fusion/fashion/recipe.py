@@ -19,9 +19,9 @@ from .documents import training_texts, write_documents
 DECODER = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=256, qk_norm="layernorm", tie_word_embeddings=True,
                attn_implementation="eager")
-# the class term keeps class evidence in the codes: captions 83.6% -> 85.5% (benchmarks/RESULTS.md, runs 8-10)
+# the class term keeps class evidence in the codes: captions 83.6% -> 85.2-85.8% (benchmarks/RESULTS.md, runs 8-12)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256", "--label-loss-weight", "0.1"]
-# two-item pages are 2/3 of the text-first documents: the second image of a page needs them (runs 9-10)
+# two-item pages are 2/3 of the text-first documents: the second image of a page needs them (runs 9-12)
 FULL = dict(documents=40000, two_item_share=2 / 3, vq_steps=1200, lm_steps=10000, batch_size=32, lr=2e-3,
             judge_epochs=3, per_class=50)
 QUICK = dict(documents=300, two_item_share=2 / 3, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1,
