@@ -22,10 +22,10 @@ DECODER = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_
 # the class term keeps class evidence in the codes: captions 83.6% -> 85.2-85.8% (benchmarks/RESULTS.md, runs 8-12)
 VQ_FLAGS = ["--resolution", "32", "--codebook-size", "256", "--label-loss-weight", "0.1"]
 # two-item pages are 2/3 of the text-first documents: the second image of a page needs them (runs 9-12)
-FULL = dict(documents=40000, two_item_share=2 / 3, vq_steps=1200, lm_steps=10000, batch_size=32, lr=2e-3,
-            judge_epochs=3, per_class=50)
-QUICK = dict(documents=300, two_item_share=2 / 3, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1,
-             per_class=2, limit_images=2000, eval_limit=100)
+TWO_ITEM_SHARE = 2 / 3
+FULL = dict(documents=40000, vq_steps=1200, lm_steps=10000, batch_size=32, lr=2e-3, judge_epochs=3, per_class=50)
+QUICK = dict(documents=300, vq_steps=20, lm_steps=20, batch_size=8, lr=1e-3, judge_epochs=1, per_class=2,
+             limit_images=2000, eval_limit=100)
 
 
 REUSED = "reused"  # what a recipe stage returns when it has nothing to do (its result is already there)
@@ -38,7 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--vq", default=None, help="use this trained image tokenizer instead of training one")
     parser.add_argument("--lm-steps", type=int, default=None, help="decoder training steps")
     parser.add_argument("--vq-steps", type=int, default=None, help="image tokenizer training steps")
-    parser.add_argument("--two-item-share", type=float, default=None,
+    parser.add_argument("--two-item-share", type=float, default=TWO_ITEM_SHARE,
                         help="the share of the text-first documents that are two-item pages")
     parser.add_argument("--bundle", default=None, help="also copy the finished model (weights, processor, judge, "
                         "metrics; no code files) into this folder, e.g. chameleon_fusion/fashion/bundled")
@@ -46,8 +46,7 @@ def add_arguments(parser):
 
 def run(args):
     sizes = dict(QUICK if args.quick else FULL)
-    given = (("lm_steps", args.lm_steps), ("vq_steps", args.vq_steps), ("two_item_share", args.two_item_share))
-    sizes.update({k: v for k, v in given if v is not None})
+    sizes.update({k: v for k, v in (("lm_steps", args.lm_steps), ("vq_steps", args.vq_steps)) if v is not None})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_data()
@@ -81,7 +80,7 @@ def documents_step(out, sizes, args):
     if (out / "data" / "documents.jsonl").exists():
         return REUSED
     write_documents(out / "data", "train", count=sizes["documents"], limit_images=sizes.get("limit_images"),
-                    two_item_share=sizes["two_item_share"])
+                    two_item_share=args.two_item_share)
     (out / "data" / "texts.txt").write_text("\n".join(training_texts() * 20) + "\n")
 
 
